@@ -1,0 +1,174 @@
+"""``mtscale <verb>``: parses arguments, calls the library, prints results. No logic here.
+
+Errors derived from ``MtscaleError`` are printed as one line (no traceback), exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mtscale.errors import MtscaleError
+
+FORMATS = ("ntu", "nw-ucla", "generic", "ctrgcn-npz", "pyskl")
+
+
+def _cmd_synth(a: argparse.Namespace) -> int:
+    from mtscale.data.synthetic import synthesize
+
+    summary = synthesize(
+        a.out, num_samples=a.num_samples, num_classes=a.num_classes, seed=a.seed,
+        workers=a.workers, progress=not a.quiet,
+    )
+    print(json.dumps(summary) if a.json else f"wrote {summary['num_files']} files to {a.out}")
+    return 0
+
+
+def _cmd_prepare(a: argparse.Namespace) -> int:
+    from mtscale.data.prepare import PrepareOptions, prepare
+
+    opts = PrepareOptions(
+        max_bodies=a.max_bodies, dtype=a.dtype, center=not a.no_center,
+        view_normalize=a.view_normalize, drop_empty_frames=not a.keep_empty_frames,
+        denoise=not a.no_denoise, layout=a.layout,
+    )
+    summary = prepare(
+        fmt=a.format, input_path=a.input, out=a.out, options=opts, workers=a.workers,
+        strict=a.strict, progress=not a.quiet, part_index=a.part_index, num_parts=a.num_parts,
+    )
+    if a.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"prepared {summary['num_samples']} samples ({summary['num_frames']} frames) into {a.out}; "
+            f"skipped {summary['num_skipped']} bad files, excluded {summary['num_excluded']}"
+            + (f"; report: {summary['report']}" if summary.get("report") else "")
+        )
+    return 0
+
+
+def _cmd_info(a: argparse.Namespace) -> int:
+    from mtscale.data.store import Store
+
+    info = Store.open(a.store).info()
+    if a.json:
+        print(json.dumps(info, indent=2))
+    else:
+        from mtscale.data.store import format_info
+
+        print(format_info(info))
+    return 0
+
+
+def _cmd_verify(a: argparse.Namespace) -> int:
+    from mtscale.data.store import Store
+
+    problems = Store.open(a.store).verify(progress=not a.quiet)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{a.store}: {len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print(f"{a.store}: ok")
+    return 0
+
+
+def _cmd_merge(a: argparse.Namespace) -> int:
+    from mtscale.data.store import merge_stores
+
+    summary = merge_stores(a.parts, a.out, progress=not a.quiet)
+    print(f"merged {len(a.parts)} parts into {a.out}: {summary['num_samples']} samples")
+    return 0
+
+
+# Verbs whose module has its own parser (they also run as ``python -m`` / ``deepspeed``):
+# ``mtscale VERB ARGS...`` calls ``module.main(ARGS)``.
+FORWARDED = {
+    "pretrain": ("mtscale.pretrain", "self-supervised pre-training (also: deepspeed mtscale/pretrain.py)"),
+    "finetune": ("mtscale.finetune", "fine-tune / linear probe / semi-supervised / scratch"),
+    "evaluate": ("mtscale.evaluate", "exact evaluation of a fine-tuned checkpoint"),
+    "predict": ("mtscale.predict", "classify raw recordings"),
+    "tune": ("mtscale.tune", "Ray Tune sweep over fine-tuning"),
+    "quickstart": ("mtscale.quickstart", "the whole pipeline on synthetic (or your) data"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtscale", description="Self-supervised pre-training of Motion-Transformers on skeleton sequences.")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    s = sub.add_parser("synth", help="write a synthetic NTU-format .skeleton dataset")
+    s.add_argument("--out", required=True)
+    s.add_argument("--num-samples", type=int, default=1000)
+    s.add_argument("--num-classes", type=int, default=10)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_synth)
+
+    s = sub.add_parser("prepare", help="ingest raw recordings into a Zarr store + Parquet manifest")
+    s.add_argument("--format", required=True, choices=FORMATS)
+    s.add_argument("--input", required=True, help="file or folder of raw recordings")
+    s.add_argument("--out", required=True, help="store path (or fsspec URL)")
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--strict", action="store_true", help="the first bad file is fatal")
+    s.add_argument("--max-bodies", type=int, default=2)
+    s.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    s.add_argument("--layout", default=None, help="joint layout (generic format; others know theirs)")
+    s.add_argument("--no-center", action="store_true")
+    s.add_argument("--no-denoise", action="store_true", help="keep every body (no length / spread test)")
+    s.add_argument("--keep-empty-frames", action="store_true")
+    s.add_argument("--view-normalize", action="store_true")
+    s.add_argument("--part-index", type=int, default=None, help="prepare only slice i of num-parts")
+    s.add_argument("--num-parts", type=int, default=None)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_prepare)
+
+    s = sub.add_parser("info", help="summarise a store")
+    s.add_argument("store")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("verify", help="re-check a store's schema and checksums")
+    s.add_argument("store")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_verify)
+
+    s = sub.add_parser("merge", help="join stores prepared in parts into one")
+    s.add_argument("parts", nargs="+")
+    s.add_argument("--out", required=True)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_merge)
+
+    for verb, (_, help_) in FORWARDED.items():
+        sub.add_parser(verb, help=help_ + f" (mtscale {verb} --help)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FORWARDED:
+        import importlib
+
+        verb = argv[0]
+        try:
+            return int(importlib.import_module(FORWARDED[verb][0]).main(argv[1:]) or 0)
+        except MtscaleError as e:
+            print(f"mtscale {verb}: error: {e}", file=sys.stderr)
+            return 2
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MtscaleError as e:
+        print(f"mtscale {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mtscale {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""Typed configuration: YAML -> nested dataclasses -> ``--set a.b=v`` overrides -> validation.
+
+Unknown keys are errors naming the dotted field. The resolved config (``to_dict``) is written
+beside every run's outputs and into every checkpoint. Each stage takes the section it needs.
+
+Sections shared by pre-training and fine-tuning live here; ``PretrainConfig`` and
+``FinetuneConfig`` compose them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from mtscale.errors import ConfigError
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class AugmentConfig:
+    """Batched augmentations, run as torch ops on the training device (see data/augment.py)."""
+
+    rotate_deg: float = 0.0
+    """Maximum absolute random rotation about each axis, degrees (0 = off)."""
+    scale: float = 0.0
+    """Random isotropic scale in [1 - scale, 1 + scale] (0 = off)."""
+    shear: float = 0.0
+    """Random shear magnitude (0 = off)."""
+    jitter_std: float = 0.0
+    """Std of Gaussian joint jitter, in the store's units (0 = off)."""
+    body_swap_p: float = 0.0
+    """Probability of swapping body order in a sample."""
+    time_mask_frames: int = 0
+    """Length of one random block of frames zeroed per sample (0 = off)."""
+
+
+@dataclass
+class DataConfig:
+    """Which samples to read, and how clips are cut from them."""
+
+    store: str = ""
+    """Path or fsspec URL of a store written by ``mtscale prepare``."""
+    split: str | None = None
+    """Split column name without the ``split_`` prefix (e.g. ``xsub60``); None = all samples."""
+    part: str = "train"
+    """Value of the split column to select (``train``, ``test``, ``val``)."""
+    where: str | None = None
+    """Extra manifest filter, e.g. ``"performer in (1, 2) and num_bodies == 1"``."""
+    label_fraction: float = 1.0
+    """Class-stratified seeded subset of the labelled samples (semi-supervised protocols)."""
+    clip_frames: int = 120
+    """T: frames per clip after crop + resample."""
+    num_bodies: int = 2
+    """M: bodies per clip (at most the store's M)."""
+    crop_min: float = 0.5
+    """Training crops keep a random fraction in [crop_min, crop_max] of the valid frames."""
+    crop_max: float = 1.0
+    num_workers: int = 2
+    """DataLoader worker processes (spawned or forkserver; each opens the store lazily)."""
+    shuffle_buffer: int = 8192
+    """Samples held in the bounded shuffle buffer."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ConfigError(f"data.label_fraction: found {self.label_fraction}, expected in (0, 1]")
+        if not 0.0 < self.crop_min <= self.crop_max <= 1.0:
+            raise ConfigError(
+                f"data.crop_min/crop_max: found {self.crop_min}/{self.crop_max}, "
+                "expected 0 < crop_min <= crop_max <= 1"
+            )
+        if self.clip_frames < 1 or self.num_bodies < 1:
+            raise ConfigError("data.clip_frames and data.num_bodies must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    """Encoder architecture. ``size`` picks a row of the registry in models/encoder.py;
+    fields left as None take that row's value."""
+
+    size: str = "tiny"
+    tokenization: str = "patch"
+    """``frame``: one token per frame (all joints of all bodies); ``patch``: one token per
+    (patch_frames frames x joint), MAMP-style."""
+    patch_frames: int = 4
+    dim: int | None = None
+    depth: int | None = None
+    heads: int | None = None
+    mlp_ratio: float | None = None
+    drop_path: float = 0.0
+    attn_backend: str = "auto"
+    """SDPA backend: auto | flash | efficient | cudnn | math."""
+    checkpoint_activations: bool = False
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tokenization not in ("frame", "patch"):
+            raise ConfigError(f"model.tokenization: found {self.tokenization!r}, expected 'frame' or 'patch'")
+        if self.attn_backend not in ("auto", "flash", "efficient", "cudnn", "math"):
+            raise ConfigError(
+                f"model.attn_backend: found {self.attn_backend!r}, expected auto|flash|efficient|cudnn|math"
+            )
+
+
+@dataclass
+class ObjectiveConfig:
+    """Self-supervised objective; the loss is taken on masked / hidden tokens only."""
+
+    kind: str = "masked_motion"
+    """``motion_flow`` | ``masked_motion`` | ``masked_recon``."""
+    mask_ratio: float = 0.9
+    masking: str = "motion_aware"
+    """``random`` | ``motion_aware`` (MAMP: sample masked tokens by motion magnitude)."""
+    motion_aware_tau: float = 0.75
+    decoder_dim: int = 256
+    decoder_depth: int = 3
+    decoder_heads: int = 8
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("motion_flow", "masked_motion", "masked_recon"):
+            raise ConfigError(
+                f"objective.kind: found {self.kind!r}, expected motion_flow|masked_motion|masked_recon"
+            )
+        if self.masking not in ("random", "motion_aware"):
+            raise ConfigError(f"objective.masking: found {self.masking!r}, expected random|motion_aware")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"objective.mask_ratio: found {self.mask_ratio}, expected in (0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and distributed settings shared by pre-training and fine-tuning."""
+
+    seed: int = 0
+    batch_size: int = 64
+    """Global batch = micro_batch_size x world size x gradient accumulation steps."""
+    micro_batch_size: int | None = None
+    """Per-rank batch per step; None = batch_size / world size (no accumulation)."""
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    """Gradient norm clipping (0 = off); written explicitly into the DeepSpeed config."""
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16."""
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage: found {self.zero_stage}, expected 0, 1, 2 or 3")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision: found {self.precision!r}, expected auto|fp32|bf16|fp16")
+        if self.batch_size < 1 or self.max_steps < 1:
+            raise ConfigError("train.batch_size and train.max_steps must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints, plots."""
+    name: str = ""
+    progress: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# --------------------------------------------------------------------------- machinery
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check / convert a YAML value to the annotated type; raise ConfigError naming path."""
+    origin = typing.get_origin(tp)
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: found {type(value).__name__}, expected a mapping")
+        return from_dict(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: found {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{path}: found {value!r}, expected a list of {len(args)} values")
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (list,):
+        (a,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: found {value!r}, expected a list")
+        return [_coerce(v, a, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: found {value!r}, expected a mapping")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: found {value!r}, expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: found {value!r}, expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path}: found {value!r}, expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: found {value!r}, expected a string")
+    return value
+
+
+def from_dict(cls: type[T], data: dict, path: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping; unknown keys raise ConfigError naming them."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown key, expected one of {sorted(names)}")
+    kwargs = {}
+    for k, v in data.items():
+        kwargs[k] = _coerce(v, hints[k], f"{path}.{k}" if path else k)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - missing required fields
+        raise ConfigError(f"{path or cls.__name__}: {e}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data (YAML/JSON-safe) form of a config dataclass."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def apply_overrides(data: dict, sets: list[str] | None) -> dict:
+    """Apply ``a.b=v`` overrides (v parsed as YAML) to a nested mapping, in place."""
+    for item in sets or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. train.max_steps=10")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, sets: list[str] | None = None) -> T:
+    """YAML file (optional) + overrides -> validated ``cls`` instance."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: found {type(data).__name__} at top level, expected a mapping")
+    apply_overrides(data, sets)
+    return from_dict(cls, data)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(p)

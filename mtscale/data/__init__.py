@@ -1,0 +1,1 @@
+"""Data layer: raw formats -> preprocessing -> Zarr store + Parquet manifest -> loader."""

@@ -1,0 +1,1 @@
+"""One reader module per raw source format (see README "Preparing data")."""

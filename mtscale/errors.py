@@ -1,0 +1,30 @@
+"""User-facing errors. Each message is one line naming the input, where, what was found and
+what was expected; the CLI prints it without a traceback and exits non-zero."""
+
+from __future__ import annotations
+
+
+class MtscaleError(Exception):
+    """Base of every error the CLI reports as one line."""
+
+
+class ConfigError(MtscaleError, ValueError):
+    """A bad configuration value or key; the message names the dotted field."""
+
+
+class BadInputError(MtscaleError):
+    """A raw input file that cannot be ingested.
+
+    >>> str(BadInputError("a.skeleton", 12, "found 24 joints", "25"))
+    'a.skeleton:12: found 24 joints, expected 25'
+    """
+
+    def __init__(self, path: str, line: int | None, found: str, expected: str | None = None):
+        self.path, self.line, self.found, self.expected = str(path), line, found, expected
+        where = self.path if line is None else f"{self.path}:{line}"
+        msg = f"{where}: {found}" + (f", expected {expected}" if expected else "")
+        super().__init__(msg)
+
+
+class StoreError(MtscaleError):
+    """A store that is missing, damaged, or written with an unknown schema version."""
