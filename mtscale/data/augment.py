@@ -1,0 +1,123 @@
+"""Batched skeleton augmentations as torch ops on the batch's device.
+
+All per-sample random parameters (angles, scales, shears, swaps, mask starts) are drawn
+on the CPU from a ``torch.Generator`` seeded explicitly, then moved to the batch's device,
+so CPU and CUDA runs draw identical parameters; only the joint-jitter noise is drawn on the
+device (from a device generator seeded from the same CPU generator). Rotation, scaling and
+shear are linear, so they are composed into one 3x3 matrix per sample and applied with a
+single batched matmul. Absent bodies / padded frames (all-zero joints) stay zero.
+
+Axis letters: N batch, T frames, M bodies, V joints, C coordinates (C = 3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mtscale.config import AugmentConfig
+
+
+def step_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed mixed from ``seed`` and integer keys (epoch, rank, batch position...)."""
+    h = (int(seed) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    for k in keys:
+        h ^= (int(k) + 0x632BE59BD9B4E019 + (h << 6) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
+        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def rotation_matrices(angles_N3: torch.Tensor) -> torch.Tensor:
+    """(N, 3) angles (radians) about x, y, z -> (N, 3, 3) rotation ``Rz @ Ry @ Rx``."""
+    c, s = angles_N3.cos(), angles_N3.sin()
+    one, zero = torch.ones_like(c[:, 0]), torch.zeros_like(c[:, 0])
+    rx = torch.stack([one, zero, zero, zero, c[:, 0], -s[:, 0], zero, s[:, 0], c[:, 0]], -1).view(-1, 3, 3)
+    ry = torch.stack([c[:, 1], zero, s[:, 1], zero, one, zero, -s[:, 1], zero, c[:, 1]], -1).view(-1, 3, 3)
+    rz = torch.stack([c[:, 2], -s[:, 2], zero, s[:, 2], c[:, 2], zero, zero, zero, one], -1).view(-1, 3, 3)
+    return rz @ ry @ rx
+
+
+def is_active(cfg: AugmentConfig) -> bool:
+    return bool(
+        cfg.rotate_deg or cfg.scale or cfg.shear or cfg.jitter_std or cfg.body_swap_p or cfg.time_mask_frames
+    )
+
+
+class BatchAugment:
+    """Applies ``cfg``'s augmentations to a batch ``x`` (N, T, M, V, 3).
+
+    >>> aug = BatchAugment(AugmentConfig(rotate_deg=30))
+    >>> y = aug(torch.zeros(2, 4, 1, 5, 3), seed=step_seed(0, 1))
+    """
+
+    def __init__(self, cfg: AugmentConfig):
+        self.cfg = cfg
+
+    @property
+    def active(self) -> bool:
+        return is_active(self.cfg)
+
+    def linear_params(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """(n, 3, 3) per-sample matrix = scale * shear @ rotation (CPU, float32)."""
+        cfg = self.cfg
+        a = torch.eye(3).expand(n, 3, 3).clone()
+        if cfg.rotate_deg:
+            r = math.radians(cfg.rotate_deg)
+            angles = (torch.rand(n, 3, generator=gen) * 2 - 1) * r
+            a = rotation_matrices(angles)
+        if cfg.shear:
+            off = (torch.rand(n, 6, generator=gen) * 2 - 1) * cfg.shear
+            sh = torch.eye(3).expand(n, 3, 3).clone()
+            sh[:, [0, 0, 1, 1, 2, 2], [1, 2, 0, 2, 0, 1]] = off
+            a = sh @ a
+        if cfg.scale:
+            s = 1 + (torch.rand(n, generator=gen) * 2 - 1) * cfg.scale
+            a = a * s[:, None, None]
+        return a
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, *, seed: int) -> torch.Tensor:
+        """Return the augmented batch (a new tensor; ``x`` (N, T, M, V, 3) is not modified)."""
+        cfg = self.cfg
+        if x.dim() != 5 or x.shape[-1] != 3:
+            raise ValueError(f"BatchAugment: found x of shape {tuple(x.shape)}, expected (N, T, M, V, 3)")
+        n, t, m, v, c = x.shape
+        gen = torch.Generator().manual_seed(int(seed))
+        dev = x.device
+        out = x
+        if cfg.rotate_deg or cfg.shear or cfg.scale:
+            a = self.linear_params(n, gen).to(device=dev, dtype=x.dtype)  # (N, 3, 3)
+            # A @ X^T with the long axis last is a far faster bmm on CPU than X @ A^T
+            xt = x.reshape(n, t * m * v, c).transpose(1, 2).contiguous()  # (N, 3, P)
+            out = torch.bmm(a, xt).transpose(1, 2).reshape(n, t, m, v, c)
+        if cfg.body_swap_p and m > 1:
+            swap = torch.rand(n, generator=gen) < cfg.body_swap_p  # (N,)
+            # M == 2: exchange the bodies; M > 2: a random permutation of them
+            perm = torch.tensor([1, 0]).expand(n, 2) if m == 2 else torch.argsort(torch.rand(n, m, generator=gen), dim=1)
+            rows = torch.nonzero(swap).flatten()
+            if rows.numel():
+                if out is x:
+                    out = x.clone()
+                rows_d = rows.to(dev)
+                picked = out.index_select(0, rows_d)  # (S, T, M, V, C)
+                if m == 2:
+                    picked = picked.flip(2)
+                else:
+                    idx = perm[rows].to(dev)[:, None, :, None, None].expand(-1, t, m, v, c)
+                    picked = torch.gather(picked, 2, idx)
+                out.index_copy_(0, rows_d, picked)
+        if cfg.jitter_std:
+            dev_gen = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+            noise = torch.randn(out.shape, generator=dev_gen, device=dev, dtype=out.dtype)
+            present = (out != 0).any(-1, keepdim=True)  # (N, T, M, V, 1): joint exists
+            out = out + noise.mul_(cfg.jitter_std) * present
+        if cfg.time_mask_frames:
+            k = min(cfg.time_mask_frames, t)
+            start = torch.randint(0, t - k + 1, (n,), generator=gen).to(dev)  # (N,)
+            tt = torch.arange(t, device=dev)
+            hide = (tt[None] >= start[:, None]) & (tt[None] < start[:, None] + k)  # (N, T)
+            out = out.masked_fill(hide[:, :, None, None, None], 0.0)
+        if out is x:
+            out = x.clone()
+        return out

@@ -1,0 +1,102 @@
+"""Vectorised crop + resample of a batch of variable-length sequences into fixed-length clips.
+
+Pure numpy index arithmetic (no per-sample Python): for N samples of valid lengths ``L``,
+compute the frame indices ``i0, i1`` and weights ``w`` of a linear resample of each crop to
+``T`` frames, identical to ``F.interpolate(mode="linear", align_corners=False)`` (the MAMP /
+CTR-GCN feeders' bilinear resize along time); then gather them from a frame arena.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def crop_windows(
+    lengths: np.ndarray,
+    *,
+    train: bool,
+    crop_min: float,
+    crop_max: float,
+    eval_crop: float,
+    u_frac: np.ndarray | None = None,
+    u_start: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(start, crop_len) per sample, both (N,) int64, with 1 <= crop_len <= L.
+
+    Training: ``crop_len = floor(L * p)``, ``p = crop_min + u_frac * (crop_max - crop_min)``,
+    start uniform over the valid positions (``u_start``). Evaluation: the centre
+    ``eval_crop`` fraction, ``bias = int((1 - p) * L / 2)`` frames cut at each end (MAMP)."""
+    L = np.maximum(np.asarray(lengths, dtype=np.int64), 1)
+    if train:
+        p = crop_min + np.asarray(u_frac) * (crop_max - crop_min)
+        crop = np.clip(np.floor(L * p).astype(np.int64), 1, L)
+        start = np.minimum(np.floor(np.asarray(u_start) * (L - crop + 1)).astype(np.int64), L - crop)
+    else:
+        bias = ((1.0 - eval_crop) * L / 2).astype(np.int64)
+        crop = np.maximum(L - 2 * bias, 1)
+        start = np.minimum(bias, L - crop)
+    return start, crop
+
+
+def resample_indices(
+    crop_len: np.ndarray, clip_frames: int, pad_short: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Linear-resample plan of crops of ``crop_len`` (N,) frames to ``T = clip_frames``.
+
+    Returns ``i0, i1`` (N, T) int64 (indices within the crop), ``w`` (N, T) float32 and
+    ``mask`` (N, T) bool; frame t = ``(1 - w) * crop[i0] + w * crop[i1]``, valid where mask.
+    With ``pad_short``, crops shorter than T are copied frame for frame and padded
+    (mask False, w = 0) instead of stretched."""
+    n = np.asarray(crop_len, dtype=np.int64)[:, None]  # (N, 1)
+    t = np.arange(clip_frames, dtype=np.float64)[None, :]  # (1, T)
+    src = np.maximum((t + 0.5) * (n / clip_frames) - 0.5, 0.0)  # (N, T)
+    i0 = np.minimum(src.astype(np.int64), n - 1)
+    i1 = np.minimum(i0 + 1, n - 1)
+    w = (src - i0).astype(np.float32)
+    w[i0 == i1] = 0.0
+    mask = np.ones(src.shape, dtype=bool)
+    if pad_short:
+        short = n[:, 0] < clip_frames
+        if short.any():
+            tt = np.broadcast_to(np.arange(clip_frames), (int(short.sum()), clip_frames))
+            ns = n[short]
+            i0[short] = np.minimum(tt, ns - 1)
+            i1[short] = i0[short]
+            w[short] = 0.0
+            mask[short] = tt < ns
+    return i0, i1, w, mask
+
+
+def gather_clips(
+    arena_FMVC: np.ndarray,
+    base: np.ndarray,
+    i0: np.ndarray,
+    i1: np.ndarray,
+    w: np.ndarray,
+    mask: np.ndarray,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gather clips (N, T, M, V, C) float32 from a frame arena (F, M, V, C) of any float dtype.
+
+    ``base`` (N,) is each sample's crop start in the arena; ``i0, i1, w, mask`` come from
+    :func:`resample_indices`. Frames where mask is False are zero."""
+    n, t = i0.shape
+    f = arena_FMVC.shape[0]
+    tail = arena_FMVC.shape[1:]
+    flat = torch.from_numpy(arena_FMVC.reshape(f, -1))  # (F, M*V*C), no copy
+    b = np.asarray(base, dtype=np.int64)[:, None]
+    g0 = flat.index_select(0, torch.from_numpy((b + i0).reshape(-1)))  # (N*T, MVC)
+    need1 = bool((w > 0).any())
+    x = g0.to(torch.float32) if g0.dtype != torch.float32 else g0
+    if need1:
+        g1 = flat.index_select(0, torch.from_numpy((b + i1).reshape(-1)))
+        g1 = g1.to(torch.float32) if g1.dtype != torch.float32 else g1
+        x = torch.lerp(x, g1, torch.from_numpy(w.reshape(-1, 1)))
+    if not mask.all():
+        x.mul_(torch.from_numpy(mask.reshape(-1, 1)))
+    x = x.view(n, t, *tail)
+    if out is not None:
+        out.copy_(x)
+        return out
+    return x

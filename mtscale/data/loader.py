@@ -1,0 +1,363 @@
+"""Deterministic streaming loader over a store: (seed, epoch, rank, cursor) -> batches.
+
+    loader = build_loader("data/ntu60", cfg.data, batch_size=64, seed=0, rank=r, world_size=W,
+                          train=True, device=device)
+    for epoch in range(num_epochs):
+        for batch in loader:              # the rest of the current epoch, then epoch += 1
+            batch["x"]      # (N, T, M, V, C) float32 on `device`, augmented (train)
+            batch["mask"]   # (N, T) bool, valid frames
+            batch["label"]  # (N,) int64
+            batch["index"]  # (N,) int64, store row of each sample
+        ckpt["loader"] = loader.state_dict()  # {epoch, consumed, ...}: a handful of ints
+
+Order: a pure function of (seed, epoch, world size, rank) over the selected samples (see
+``mtscale.data.order``): chunk-aligned blocks permuted per epoch, contiguous equal shares per
+rank (training drops the ``n % world_size`` remainder so every rank runs the same number of
+batches; evaluation, ``exact=True``, yields every sample exactly once across ranks), then a
+bounded shuffle in windows of ``cfg.shuffle_buffer`` samples.
+
+Workers: batch ``b`` of the rank's remaining sequence is made by worker ``b % W``; the
+DataLoader's in-order round-robin delivery reassembles the sequence, so the samples (and
+their crops and augmentations, keyed by sample / position, not by worker) do not depend on
+the number of workers. ``state_dict`` records the samples the consumer has received; after
+``load_state_dict`` iteration yields exactly the rest of that epoch, for any worker count.
+
+Reading: a worker builds, per shuffle window, one arena of the window's frames with one
+``read_frames`` per block (a run of whole store chunks), then cuts clips from it with
+vectorised index arithmetic (``mtscale.data.clips``). Clips: training takes a random crop of
+``[crop_min, crop_max]`` of the valid frames, evaluation the centre ``eval_crop``; both are
+linearly resampled to ``T = clip_frames`` (mask all True), or with ``short_clips="pad"``
+shorter crops are zero-padded (mask False on padding). Bodies: the first ``num_bodies`` of
+the store's M (zero bodies are added if the store has fewer).
+
+Workers are started with ``forkserver`` (else ``spawn``) and each opens the store lazily,
+which is safe with zarr / fsspec (no forked file handles or event loops). Memory cost: each
+worker holds up to two windows of raw frames (``shuffle_buffer`` samples each).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mtscale.config import DataConfig
+from mtscale.data.augment import BatchAugment, step_seed
+from mtscale.data.clips import crop_windows, gather_clips, resample_indices
+from mtscale.data.order import RankOrder, make_blocks, num_batches, rank_order, rank_slice, uniform_hash, worker_batches
+from mtscale.data.subsets import label_fraction_subset
+from mtscale.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Selection:
+    """The samples a loader reads, sorted by frame offset; ``bounds`` are the read blocks."""
+
+    rows: np.ndarray  # (n,) store row indices
+    offsets: np.ndarray  # (n,) first frame
+    lengths: np.ndarray  # (n,) valid frames
+    labels: np.ndarray  # (n,)
+    bounds: np.ndarray  # (B + 1,) block boundaries into the arrays above
+
+    def __len__(self) -> int:
+        return int(self.rows.size)
+
+
+def select_samples(store: Any, cfg: DataConfig, block_frames: int | None = None) -> Selection:
+    """Rows of ``store`` chosen by ``cfg`` (split / part / where, then label fraction)."""
+    rows = np.asarray(store.select(split=cfg.split, part=cfg.part if cfg.split else None, where=cfg.where), dtype=np.int64)
+    if cfg.label_fraction < 1.0:
+        rows = rows[label_fraction_subset(np.asarray(store.labels)[rows], cfg.label_fraction, cfg.subset_seed)]
+    if rows.size == 0:
+        raise ConfigError(
+            f"data: {store.url}: split={cfg.split!r} part={cfg.part!r} where={cfg.where!r} "
+            f"label_fraction={cfg.label_fraction} selects 0 samples, expected at least 1"
+        )
+    offsets = np.asarray(store.offsets, dtype=np.int64)[rows]
+    order = np.argsort(offsets, kind="stable")
+    rows, offsets = rows[order], offsets[order]
+    bf = int(block_frames or store.chunk_frames)
+    return Selection(
+        rows=rows,
+        offsets=offsets,
+        lengths=np.asarray(store.lengths, dtype=np.int64)[rows],
+        labels=np.asarray(store.labels, dtype=np.int64)[rows],
+        bounds=make_blocks(offsets, bf),
+    )
+
+
+class ClipDataset(IterableDataset):
+    """Yields whole collated batches (dicts of CPU tensors) of one rank's epoch, starting at
+    ``self.consumed``; set ``epoch`` / ``consumed`` before iterating (``StatefulLoader`` does).
+    Augmentation is not applied here (it runs batched on the training device)."""
+
+    def __init__(
+        self,
+        store: Any,
+        cfg: DataConfig,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        train: bool = True,
+        drop_last: bool | None = None,
+        exact: bool | None = None,
+        block_frames: int | None = None,
+    ):
+        if batch_size < 1:
+            raise ConfigError(f"batch_size: found {batch_size}, expected >= 1")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank: found {rank}, expected in [0, world_size={world_size})")
+        self._store = None
+        if isinstance(store, str):
+            from mtscale.data.store import Store
+
+            self.url = store
+            self._store = Store.open(store)
+        else:
+            self.url, self._store = store.url, store
+        self.cfg, self.batch_size, self.seed = cfg, int(batch_size), int(seed)
+        self.rank, self.world_size, self.train = int(rank), int(world_size), bool(train)
+        self.drop_last = train if drop_last is None else bool(drop_last)
+        self.exact = (not train) if exact is None else bool(exact)
+        self.sel = select_samples(self._store, cfg, block_frames)
+        self.store_bodies = int(self._store.num_bodies)
+        if self.store_bodies < cfg.num_bodies:
+            log.warning("data.num_bodies=%d but %s has %d bodies: padding with zero bodies",
+                        cfg.num_bodies, self.url, self.store_bodies)
+        self.epoch, self.consumed = 0, 0
+
+    # -------------------------------------------------------------- order (pure)
+
+    def order(self, epoch: int) -> RankOrder:
+        return rank_order(
+            self.sel.bounds, seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size,
+            shuffle=self.train, shuffle_buffer=self.cfg.shuffle_buffer, exact=self.exact,
+        )
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank sees per epoch (the same every epoch)."""
+        lo, hi = rank_slice(len(self.sel), self.rank, self.world_size, self.exact)
+        return hi - lo
+
+    def num_batches(self, consumed: int = 0) -> int:
+        return num_batches(max(0, self.num_samples - consumed), self.batch_size, self.drop_last)
+
+    # -------------------------------------------------------------- reading
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_store"] = None  # each worker opens the store lazily
+        return state
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            from mtscale.data.store import Store
+
+            self._store = Store.open(self.url)
+        return self._store
+
+    def _window_arena(self, order: RankOrder, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Frames of window ``k`` (F, M, V, C) in raw dtype and each window sample's start."""
+        sel, m_out = self.sel, self.cfg.num_bodies
+        u = order.unshuffled[k * order.window : (k + 1) * order.window]  # selected-sample ids
+        lens = sel.lengths[u]
+        starts = np.cumsum(lens) - lens
+        block_of = np.searchsorted(sel.bounds, u, side="right") - 1
+        cut = np.flatnonzero((np.diff(block_of) != 0) | (np.diff(u) != 1)) + 1
+        runs = np.split(np.arange(u.size), cut)
+        arena = None
+        for run in runs:
+            ids = u[run]
+            lo = int(sel.offsets[ids[0]])
+            hi = int(sel.offsets[ids[-1]] + sel.lengths[ids[-1]])
+            frames = self.store.read_frames(lo, hi)  # (hi - lo, M_store, V, C)
+            if arena is None:
+                v, c = frames.shape[2:]
+                alloc = np.empty if frames.shape[1] >= m_out else np.zeros
+                arena = alloc((int(lens.sum()), m_out, v, c), dtype=frames.dtype)
+            m = min(m_out, frames.shape[1])
+            a0, a1 = int(starts[run[0]]), int(starts[run[-1]] + lens[run[-1]])
+            if hi - lo == a1 - a0:  # the run's samples are contiguous in the store
+                arena[a0:a1, :m] = frames[:, :m]
+            else:
+                rl = sel.lengths[ids]
+                local = np.arange(a1 - a0) - np.repeat(np.cumsum(rl) - rl, rl) + np.repeat(sel.offsets[ids] - lo, rl)
+                arena[a0:a1, :m] = frames[local, :m]
+        return arena, starts
+
+    def make_batch(self, order: RankOrder, positions: np.ndarray, arenas: dict) -> dict[str, torch.Tensor]:
+        """Collate the samples at ``positions`` of the rank's sequence (window arenas cached
+        in ``arenas``: the current window, and the next one while a batch straddles both)."""
+        cfg, sel = self.cfg, self.sel
+        local = order.perm[positions]  # unshuffled positions
+        ids = order.unshuffled[local]
+        rows = sel.rows[ids]
+        start, crop = crop_windows(
+            sel.lengths[ids], train=self.train, crop_min=cfg.crop_min, crop_max=cfg.crop_max,
+            eval_crop=cfg.eval_crop,
+            u_frac=uniform_hash(self.seed, self.epoch, 1, rows) if self.train else None,
+            u_start=uniform_hash(self.seed, self.epoch, 2, rows) if self.train else None,
+        )
+        i0, i1, w, mask = resample_indices(crop, cfg.clip_frames, pad_short=cfg.short_clips == "pad")
+        win = local // order.window
+        x = None
+        for k in list(arenas):  # windows behind this batch are never needed again
+            if k < win.min():
+                del arenas[k]
+        for k in np.unique(win):
+            if k not in arenas:
+                arenas[k] = self._window_arena(order, int(k))
+            arena, starts = arenas[k]
+            sub = win == k
+            base = starts[local[sub] - k * order.window] + start[sub]
+            if sub.all():
+                x = gather_clips(arena, base, i0, i1, w, mask)
+            else:
+                if x is None:
+                    x = torch.empty((len(ids), cfg.clip_frames) + arena.shape[1:], dtype=torch.float32)
+                x[torch.from_numpy(sub)] = gather_clips(arena, base, i0[sub], i1[sub], w[sub], mask[sub])
+        return {
+            "x": x,  # (N, T, M, V, C) float32
+            "mask": torch.from_numpy(mask),  # (N, T) bool
+            "label": torch.from_numpy(sel.labels[ids]),  # (N,) int64
+            "index": torch.from_numpy(rows),  # (N,) int64
+        }
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        order = self.order(self.epoch)
+        remaining = len(order) - self.consumed
+        arenas: dict = {}
+        for a, b in worker_batches(remaining, self.batch_size, self.drop_last, worker, num_workers):
+            yield self.make_batch(order, np.arange(self.consumed + a, self.consumed + b), arenas)
+
+
+def default_mp_context() -> str:
+    """``forkserver`` where available (Linux), else ``spawn``: never ``fork`` (zarr / fsspec
+    hold threads, event loops and file handles that do not survive a fork)."""
+    return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+
+
+class StatefulLoader:
+    """Iterates the rest of the current epoch of a :class:`ClipDataset` (then advances the
+    epoch), moves batches to ``device``, applies batched augmentations (training), and counts
+    what the consumer received, so ``state_dict`` / ``load_state_dict`` resume exactly."""
+
+    def __init__(
+        self,
+        dataset: ClipDataset,
+        *,
+        num_workers: int = 0,
+        device: torch.device | str | None = None,
+        augment: BatchAugment | None = None,
+        mp_context: str | None = None,
+        prefetch_factor: int = 2,
+    ):
+        if num_workers > 0 and dataset.url.startswith("memory://"):
+            raise ConfigError(
+                f"data.num_workers: found {num_workers} with store {dataset.url}, expected 0 "
+                "(memory:// filesystems are per-process; use a file or object-store URL with workers)"
+            )
+        self.dataset, self.num_workers = dataset, int(num_workers)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.augment = augment if augment is not None and augment.active else None
+        self.mp_context, self.prefetch_factor = mp_context or default_mp_context(), prefetch_factor
+        self.epoch, self.consumed = 0, 0
+
+    def __len__(self) -> int:
+        """Batches in a full epoch."""
+        return self.dataset.num_batches(0)
+
+    @property
+    def num_samples(self) -> int:
+        return self.dataset.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning (no-op if already positioned in it)."""
+        if epoch != self.epoch:
+            self.epoch, self.consumed = int(epoch), 0
+
+    def state_dict(self) -> dict[str, int]:
+        ds = self.dataset
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": ds.seed, "rank": ds.rank,
+                "world_size": ds.world_size, "num_samples": ds.num_samples, "batch_size": ds.batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        ds = self.dataset
+        for key, have in (("seed", ds.seed), ("world_size", ds.world_size), ("num_samples", ds.num_samples)):
+            if key in state and int(state[key]) != have:
+                raise ConfigError(
+                    f"loader state: found {key}={state[key]} in the checkpoint, expected {have} "
+                    "(the order cannot resume exactly; drop the loader state to restart the epoch)"
+                )
+        if not 0 <= int(state["consumed"]) <= ds.num_samples:
+            raise ConfigError(f"loader state: found consumed={state['consumed']}, expected in [0, {ds.num_samples}]")
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        ds = self.dataset
+        ds.epoch, ds.consumed = self.epoch, self.consumed
+        if self.num_workers == 0:
+            return iter(ds)
+        pin = self.device.type == "cuda"
+        return iter(DataLoader(
+            ds, batch_size=None, num_workers=self.num_workers, multiprocessing_context=self.mp_context,
+            prefetch_factor=self.prefetch_factor, pin_memory=pin, persistent_workers=False,
+        ))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        ds = self.dataset
+        for batch in self._batches():
+            pos = self.consumed
+            self.consumed += int(batch["index"].numel())
+            if self.device.type != "cpu":
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            if self.augment is not None:
+                batch["x"] = self.augment(batch["x"], seed=step_seed(ds.seed, self.epoch, ds.rank, pos))
+            yield batch
+        self.epoch, self.consumed = self.epoch + 1, 0
+
+
+def build_loader(
+    store: Any,
+    cfg: DataConfig,
+    *,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    train: bool = True,
+    drop_last: bool | None = None,
+    device: torch.device | str | None = None,
+    num_workers: int | None = None,
+    augment: bool | None = None,
+) -> StatefulLoader:
+    """A resumable loader over ``store`` (a ``Store`` or a path / fsspec URL).
+
+    ``train=True``: shuffled, random crops, ``drop_last`` (default), augmentations from
+    ``cfg.augment`` on ``device``. ``train=False``: store order, centre crops, exact
+    partition (every sample once across ranks), no augmentation. ``num_workers`` defaults to
+    ``cfg.num_workers``."""
+    ds = ClipDataset(store, cfg, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+                     train=train, drop_last=drop_last)
+    use_aug = train if augment is None else augment
+    loader = StatefulLoader(
+        ds, num_workers=cfg.num_workers if num_workers is None else num_workers, device=device,
+        augment=BatchAugment(cfg.augment) if use_aug else None,
+    )
+    log.info("loader %s: %d selected samples, rank %d/%d sees %d per epoch (%d batches of %d)%s",
+             ds.url, len(ds.sel), rank, world_size, ds.num_samples, len(loader), batch_size,
+             ", exact" if ds.exact else "")
+    return loader

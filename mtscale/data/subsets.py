@@ -1,0 +1,42 @@
+"""Label-fraction subsets for semi-supervised protocols (1 %, 10 %, ... of the labels).
+
+The subset is class-stratified and a pure function of (labels, fraction, seed): every rank
+computes the same one without communicating, and runs with different training seeds can
+share one subset (``DataConfig.subset_seed``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mtscale.errors import ConfigError
+
+
+def class_quota(count: int, fraction: float) -> int:
+    """Samples kept from a class of ``count``: ``round(fraction * count)``, at least one."""
+    return min(count, max(1, int(np.floor(fraction * count + 0.5))))
+
+
+def label_fraction_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted positions into ``labels`` of a class-stratified ``fraction`` subset.
+
+    Each class ``c`` with ``n_c`` samples keeps :func:`class_quota` ``(n_c, fraction)`` of
+    them, chosen uniformly with ``rng(seed, c)`` (so adding a class does not reshuffle the
+    others). Unlabelled samples (label < 0) are never chosen. ``fraction == 1`` keeps all
+    labelled samples.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"data.label_fraction: found {fraction}, expected in (0, 1]")
+    labels = np.asarray(labels, dtype=np.int64)
+    labelled = np.flatnonzero(labels >= 0)
+    if fraction == 1.0:
+        return labelled
+    if labelled.size == 0:
+        raise ConfigError("data.label_fraction: found no labelled samples (all labels < 0), expected at least one")
+    keep = []
+    for c in np.unique(labels[labelled]):
+        members = labelled[labels[labelled] == c]
+        k = class_quota(members.size, fraction)
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(c), 7])
+        keep.append(rng.choice(members, size=k, replace=False))
+    return np.sort(np.concatenate(keep))

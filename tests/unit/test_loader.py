@@ -1,0 +1,192 @@
+"""The streaming loader over real stores (memory:// and local / file:// URLs)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtscale.config import AugmentConfig, DataConfig
+from mtscale.data.clips import crop_windows, resample_indices
+from mtscale.data.loader import build_loader
+from mtscale.data.order import uniform_hash
+from mtscale.data.store import write_store
+from mtscale.errors import ConfigError
+
+_counter = itertools.count()
+
+
+def _samples(n: int, seed: int = 0, min_len: int = 8, max_len: int = 150, bodies: int = 2):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        length = int(rng.integers(min_len, max_len))
+        x = rng.standard_normal((length, bodies, 25, 3)).astype(np.float32)
+        x[..., 0] += i  # sample identity readable from the data
+        fields = {"split_xs": "train" if i % 4 else "test", "subject": i % 5}
+        yield f"s{i:05d}", x, i % 6, fields
+
+
+def _store(url: str, n: int = 300, **kw):
+    return write_store(url, _samples(n, **kw), layout="ntu25", num_bodies=kw.get("bodies", 2),
+                       chunk_frames=512, shard_chunks=2)
+
+
+@pytest.fixture(scope="module")
+def mem_store():
+    return _store(f"memory://loader-test-{next(_counter)}")
+
+
+@pytest.fixture(scope="module")
+def file_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("loader") / "store"
+    _store(str(path), n=200)
+    return "file://" + str(path)
+
+
+def _cfg(**kw) -> DataConfig:
+    kw.setdefault("shuffle_buffer", 50)
+    kw.setdefault("num_workers", 0)
+    kw.setdefault("clip_frames", 32)
+    return DataConfig(**kw)
+
+
+def _epoch(loader) -> tuple[np.ndarray, torch.Tensor]:
+    batches = list(loader)
+    return (np.concatenate([b["index"].numpy() for b in batches]), torch.cat([b["x"] for b in batches]))
+
+
+def test_batch_schema_and_reference_crop_resample(mem_store):
+    """Training clips equal MAMP's per-sample crop + F.interpolate of the stored frames."""
+    cfg = _cfg(crop_min=0.3, crop_max=0.9)
+    loader = build_loader(mem_store, cfg, batch_size=16, seed=3)
+    b = next(iter(loader))
+    assert b["x"].shape == (16, 32, 2, 25, 3) and b["x"].dtype == torch.float32
+    assert b["mask"].shape == (16, 32) and b["mask"].dtype == torch.bool and bool(b["mask"].all())
+    assert b["label"].dtype == torch.int64 and b["index"].dtype == torch.int64
+    rows = b["index"].numpy()
+    assert np.array_equal(b["label"].numpy(), mem_store.labels[rows])
+    u_f, u_s = uniform_hash(3, 0, 1, rows), uniform_hash(3, 0, 2, rows)
+    start, crop = crop_windows(mem_store.lengths[rows], train=True, crop_min=0.3, crop_max=0.9,
+                               eval_crop=1.0, u_frac=u_f, u_start=u_s)
+    assert len(set(crop.tolist())) > 3  # random crop lengths
+    for j, r in enumerate(rows):
+        full = torch.from_numpy(mem_store.read_sample(int(r)))  # (T, M, V, C)
+        seg = full[start[j]:start[j] + crop[j]]
+        t, m, v, c = seg.shape
+        ref = F.interpolate(seg.reshape(t, -1).T[None], size=32, mode="linear", align_corners=False)[0].T
+        torch.testing.assert_close(b["x"][j], ref.reshape(32, m, v, c), atol=1e-4, rtol=1e-4)
+
+
+def test_eval_is_exact_centre_crop_and_covers_split_across_ranks(mem_store):
+    cfg = _cfg(split="xs", part="test", eval_crop=1.0)
+    want = mem_store.select(split="xs", part="test")
+    got = []
+    for rank in range(3):
+        loader = build_loader(mem_store, cfg, batch_size=7, seed=0, rank=rank, world_size=3, train=False)
+        idx, x = _epoch(loader)
+        got.append(idx)
+        for j in (0, len(idx) - 1):  # eval_crop=1: the whole sequence resampled, no augmentation
+            full = torch.from_numpy(mem_store.read_sample(int(idx[j])))
+            t = full.shape[0]
+            ref = F.interpolate(full.reshape(t, -1).T[None], size=32, mode="linear", align_corners=False)[0].T
+            torch.testing.assert_close(x[j], ref.reshape(32, 2, 25, 3), atol=1e-4, rtol=1e-4)
+    assert np.array_equal(np.sort(np.concatenate(got)), want)  # every test sample exactly once
+
+
+def test_training_ranks_disjoint_and_epochs_differ(mem_store):
+    cfg = _cfg()
+    per_rank = [_epoch(build_loader(mem_store, cfg, batch_size=8, seed=1, rank=r, world_size=2))[0] for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 144  # 300 // 2 = 150, drop_last batches of 8
+    assert not set(per_rank[0]) & set(per_rank[1])
+    loader = build_loader(mem_store, cfg, batch_size=10, seed=1, drop_last=False)
+    e0, _ = _epoch(loader)
+    e1, _ = _epoch(loader)  # the loader advanced to epoch 1 by itself
+    assert np.array_equal(np.sort(e0), np.arange(300)) and np.array_equal(np.sort(e1), np.arange(300))
+    assert not np.array_equal(e0, e1)
+
+
+def test_resume_mid_epoch_yields_exactly_the_rest_with_same_augmented_values(mem_store):
+    cfg = _cfg(augment=AugmentConfig(rotate_deg=20, scale=0.1, time_mask_frames=4, body_swap_p=0.5))
+    full_idx, full_x = _epoch(build_loader(mem_store, cfg, batch_size=8, seed=9))
+    a = build_loader(mem_store, cfg, batch_size=8, seed=9)
+    it = iter(a)
+    head = [next(it) for _ in range(5)]
+    state = a.state_dict()
+    assert state["epoch"] == 0 and state["consumed"] == 40
+    b = build_loader(mem_store, cfg, batch_size=8, seed=9)
+    b.load_state_dict(state)
+    rest_idx, rest_x = _epoch(b)
+    idx = np.concatenate([h["index"].numpy() for h in head] + [rest_idx])
+    assert np.array_equal(idx, full_idx)
+    torch.testing.assert_close(torch.cat([h["x"] for h in head] + [rest_x]), full_x)
+    assert b.state_dict()["epoch"] == 1 and b.state_dict()["consumed"] == 0
+
+
+def test_resume_state_mismatch_is_a_clear_error(mem_store):
+    a = build_loader(mem_store, _cfg(), batch_size=8, seed=9)
+    state = dict(a.state_dict(), world_size=4)
+    with pytest.raises(ConfigError, match="world_size=4"):
+        a.load_state_dict(state)
+
+
+def test_label_fraction_and_where_filter(mem_store):
+    cfg = _cfg(split="xs", part="train", label_fraction=0.1, where="subject == 2")
+    loader = build_loader(mem_store, cfg, batch_size=4, seed=0, train=False)
+    idx, _ = _epoch(loader)
+    pool = mem_store.select(split="xs", part="train", where="subject == 2")
+    assert set(idx) <= set(pool)
+    counts = np.bincount(mem_store.labels[idx], minlength=6)
+    assert np.all(counts >= 1) and len(idx) < len(pool) / 3
+    with pytest.raises(ConfigError, match="selects 0 samples"):
+        build_loader(mem_store, _cfg(where="subject == 99"), batch_size=4, seed=0)
+
+
+def test_pad_short_clips_and_body_count(tmp_path):
+    store = write_store(f"memory://pad-{next(_counter)}", _samples(20, min_len=5, max_len=20, bodies=1),
+                        layout="ntu25", num_bodies=1, chunk_frames=64)
+    cfg = _cfg(short_clips="pad", eval_crop=1.0, num_bodies=2)
+    idx, _ = _epoch(build_loader(store, cfg, batch_size=20, seed=0, train=False))
+    b = next(iter(build_loader(store, cfg, batch_size=20, seed=0, train=False)))
+    lengths = store.lengths[b["index"].numpy()]
+    assert np.array_equal(b["mask"].sum(1).numpy(), lengths)  # valid frames = sequence length
+    for j in range(3):
+        n = lengths[j]
+        torch.testing.assert_close(b["x"][j, :n, :1], torch.from_numpy(store.read_sample(int(b["index"][j]))))
+        assert bool((b["x"][j, n:] == 0).all()) and bool((b["x"][j, :, 1] == 0).all())  # padding, added body
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_workers_give_the_same_stream_and_resume_across_worker_counts(file_store):
+    """Same samples and values with 0, 2 and 1 workers; 3 batches with 2 workers, then
+    resume with 1 worker: exactly the remaining samples (worker spawns are the slow part)."""
+    cfg = _cfg(augment=AugmentConfig(rotate_deg=10))
+    ref_idx, ref_x = _epoch(build_loader(file_store, cfg, batch_size=8, seed=4, num_workers=0))
+    a = build_loader(file_store, cfg, batch_size=8, seed=4, num_workers=2)
+    it = iter(a)
+    head = [next(it) for _ in range(3)]
+    state = a.state_dict()
+    del it
+    assert state["consumed"] == 24
+    b = build_loader(file_store, cfg, batch_size=8, seed=4, num_workers=1)
+    b.load_state_dict(state)
+    rest_idx, rest_x = _epoch(b)
+    assert np.array_equal(np.concatenate([h["index"].numpy() for h in head] + [rest_idx]), ref_idx)
+    torch.testing.assert_close(torch.cat([h["x"] for h in head] + [rest_x]), ref_x)
+
+
+def test_memory_store_with_workers_is_refused(mem_store):
+    with pytest.raises(ConfigError, match="memory://"):
+        build_loader(mem_store, _cfg(), batch_size=8, seed=0, num_workers=2)
+
+
+def test_reads_whole_blocks_not_samples(mem_store, monkeypatch):
+    calls = []
+    orig = type(mem_store).read_frames
+    monkeypatch.setattr(type(mem_store), "read_frames", lambda self, a, b: calls.append((a, b)) or orig(self, a, b))
+    idx, _ = _epoch(build_loader(mem_store, _cfg(shuffle_buffer=1000), batch_size=50, seed=0))
+    assert len(idx) == 300
+    assert len(calls) <= mem_store.num_frames // 512 + 2  # about one read per chunk, not 300
