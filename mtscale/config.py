@@ -67,8 +67,16 @@ class DataConfig:
     crop_max: float = 1.0
     num_workers: int = 2
     """DataLoader worker processes (spawned or forkserver; each opens the store lazily)."""
-    shuffle_buffer: int = 8192
-    """Samples held in the bounded shuffle buffer."""
+    shuffle_buffer: int = 4096
+    """Samples held in the bounded shuffle buffer (a window; each worker holds its raw frames,
+    e.g. 4096 NTU samples ~ 100-200 MB in float16)."""
+    eval_crop: float = 0.95
+    """Evaluation clips: the centre ``eval_crop`` fraction of the valid frames (MAMP: 0.95)."""
+    short_clips: str = "resample"
+    """Crops shorter than T: ``resample`` (stretch to T, mask all valid) or ``pad`` (copy the
+    frames, zero-pad to T, mask False on padding). Longer crops are always resampled."""
+    subset_seed: int = 0
+    """Seed of the label-fraction subset (independent of the training seed)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
@@ -81,6 +89,15 @@ class DataConfig:
             )
         if self.clip_frames < 1 or self.num_bodies < 1:
             raise ConfigError("data.clip_frames and data.num_bodies must be >= 1")
+        if not 0.0 < self.eval_crop <= 1.0:
+            raise ConfigError(f"data.eval_crop: found {self.eval_crop}, expected in (0, 1]")
+        if self.short_clips not in ("resample", "pad"):
+            raise ConfigError(f"data.short_clips: found {self.short_clips!r}, expected resample|pad")
+        if self.num_workers < 0 or self.shuffle_buffer < 1:
+            raise ConfigError(
+                f"data.num_workers/shuffle_buffer: found {self.num_workers}/{self.shuffle_buffer}, "
+                "expected num_workers >= 0 and shuffle_buffer >= 1"
+            )
 
 
 @dataclass
@@ -102,6 +119,8 @@ class ModelConfig:
     """SDPA backend: auto | flash | efficient | cudnn | math."""
     checkpoint_activations: bool = False
     compile: bool = False
+    qkv_bias: bool = True
+    """Bias on the fused QKV projection (MAE/MAMP use one)."""
 
     def __post_init__(self) -> None:
         if self.tokenization not in ("frame", "patch"):
@@ -125,6 +144,8 @@ class ObjectiveConfig:
     decoder_dim: int = 256
     decoder_depth: int = 3
     decoder_heads: int = 8
+    norm_target: bool = True
+    """Normalise each token's target (mean 0, var 1 over its features), as MAMP / MAE do."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("motion_flow", "masked_motion", "masked_recon"):
@@ -162,8 +183,27 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 200
     keep_checkpoints: int = 2
+    device: str = "auto"
+    """auto (cuda:LOCAL_RANK when CUDA is visible, else cpu) | cpu | cuda."""
+    adam_eps: float = 1e-8
+    zero_bucket_size: int = 200_000_000
+    """Elements per ZeRO all-gather / reduce bucket."""
+    zero_overlap_comm: bool | None = None
+    """Overlap ZeRO communication with compute; None = on for CUDA, off for CPU."""
+    zero3_param_persistence_threshold: int = 100_000
+    """ZeRO-3: parameters with fewer elements stay whole on every rank."""
+    zero3_max_live_parameters: int = 1_000_000_000
+    zero3_prefetch_bucket_size: int = 50_000_000
 
     def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device: found {self.device!r}, expected auto|cpu|cuda")
+        if self.keep_checkpoints < 1 or self.ckpt_every < 1 or self.log_every < 1:
+            raise ConfigError("train.keep_checkpoints, train.ckpt_every and train.log_every must be >= 1")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError(f"train.offload_params: needs train.zero_stage 3, found {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("train.offload_optimizer: needs train.zero_stage 1, 2 or 3, found 0")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage: found {self.zero_stage}, expected 0, 1, 2 or 3")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -178,6 +218,9 @@ class RunConfig:
     """Run directory: resolved config, metrics.jsonl, TensorBoard events, checkpoints, plots."""
     name: str = ""
     progress: bool = True
+    export_encoder: bool = True
+    """Write ``<dir>/encoder.safetensors`` (+ ``encoder.json``) at the end of the run."""
+    tensorboard: bool = True
 
 
 @dataclass
@@ -320,3 +363,81 @@ def save_config(cfg: Any, path: str | Path) -> None:
     tmp = p.with_suffix(p.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tmp.replace(p)
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+@dataclass
+class FinetuneConfig:
+    """Supervised training of a classifier on an encoder (see mtscale/train/finetune_loop.py).
+
+    One loop, four protocols: ``finetune`` (pre-trained encoder, all weights train),
+    ``linear`` (frozen pre-trained encoder, a linear head on standardised cached features),
+    ``semi`` (``finetune`` on a class-stratified ``data.label_fraction`` < 1 of the labels),
+    ``scratch`` (random-init encoder, all weights train). The schedule is in epochs;
+    ``train.max_steps`` / ``train.warmup_steps`` are not used here.
+    """
+
+    protocol: str = "finetune"
+    """finetune | linear | semi | scratch."""
+    pretrained: str | None = None
+    """Exported encoder (``encoder.safetensors``) or a pre-training run / checkpoint dir;
+    required by finetune, linear and semi; must be unset for scratch."""
+    epochs: int = 100
+    warmup_epochs: float = 5.0
+    """Linear warmup length, then cosine decay to ``train.min_lr`` at the last epoch."""
+    layer_decay: float = 0.75
+    """Layer-wise lr decay: block i of depth D trains at lr * layer_decay ** (D + 1 - (i + 1)); 1 = off."""
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    """Mixup Beta(alpha, alpha) on the training batch (0 = off)."""
+    head_drop: float = 0.0
+    """Dropout before the linear classifier."""
+    val_fraction: float = 0.1
+    """Class-stratified, seeded share of the training part held out for validation (model
+    selection never looks at the test part). Ignored when ``val_part`` is set; 0 = no validation."""
+    val_part: str | None = None
+    """Use this value of the split column (e.g. ``val``) as validation instead of a held-out share."""
+    test_part: str | None = "test"
+    """Value of the split column evaluated after the last epoch (None = no test evaluation)."""
+    eval_clips: int = 1
+    """Clips averaged per test sample (1 = the centre crop)."""
+    eval_batch_size: int | None = None
+    """Per-rank batch for evaluation / feature extraction (None = 2 x the training micro batch)."""
+    keep_best: bool = True
+    """Also keep the best-on-validation checkpoint and report its test accuracy."""
+    seeds: list[int] | None = None
+    """Run once per seed (``train.seed`` is replaced) and report mean ± std; None = [train.seed]."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("finetune", "linear", "semi", "scratch"):
+            raise ConfigError(f"protocol: found {self.protocol!r}, expected finetune|linear|semi|scratch")
+        if self.protocol == "scratch" and self.pretrained:
+            raise ConfigError(f"pretrained: found {self.pretrained!r} with protocol scratch, expected none")
+        if self.protocol == "semi" and self.data.label_fraction >= 1.0:
+            raise ConfigError("data.label_fraction: found 1.0 with protocol semi, expected a fraction < 1 (e.g. 0.1)")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs: found {self.epochs}, expected >= 1")
+        if not 0.0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(f"warmup_epochs: found {self.warmup_epochs}, expected in [0, epochs={self.epochs}]")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"layer_decay: found {self.layer_decay}, expected in (0, 1]")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing: found {self.label_smoothing}, expected in [0, 1)")
+        if self.mixup < 0.0:
+            raise ConfigError(f"mixup: found {self.mixup}, expected >= 0")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction: found {self.val_fraction}, expected in [0, 1)")
+        if self.eval_clips < 1:
+            raise ConfigError(f"eval_clips: found {self.eval_clips}, expected >= 1")
+        if self.seeds is not None and not self.seeds:
+            raise ConfigError("seeds: found an empty list, expected at least one seed (or null)")
+
+    @property
+    def needs_pretrained(self) -> bool:
+        return self.protocol in ("finetune", "linear", "semi")

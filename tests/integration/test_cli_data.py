@@ -1,0 +1,97 @@
+"""The data verbs through the real CLI: synth -> prepare -> info -> verify -> merge, on
+synthetic and real recordings, and the one-line errors on damaged stores."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def mtscale(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "mtscale.cli", *args], capture_output=True, text=True, timeout=900)
+    if ok:
+        assert p.returncode == 0, f"mtscale {' '.join(args)} failed ({p.returncode}):\n{p.stderr[-3000:]}"
+    return p
+
+
+def test_synth_prepare_info_verify_merge(tmp_path: Path):
+    mtscale("synth", "--out", str(tmp_path / "raw"), "--num-samples", "40", "--num-classes", "5", "--seed", "3", "--quiet")
+    p = mtscale("prepare", "--format", "ntu", "--input", str(tmp_path / "raw"), "--out", str(tmp_path / "st"),
+                "--workers", "2", "--json", "--quiet")
+    summary = json.loads(p.stdout)
+    assert summary["num_samples"] == 40 and summary["num_skipped"] == 0 and summary["report"] is None
+    info = json.loads(mtscale("info", str(tmp_path / "st"), "--json").stdout)
+    assert info["num_samples"] == 40 and info["num_frames"] == summary["num_frames"] > 40
+    assert info["layout"] == "ntu25" and info["dtype"] == "float16" and info["format"] == "ntu"
+    assert sum(info["label_counts"].values()) == 40 and set(info["label_counts"]) <= {str(i) for i in range(5)}
+    assert sum(info["splits"]["xsub60"].values()) == 40
+    v = mtscale("verify", str(tmp_path / "st"), "--quiet")
+    assert v.stdout.strip().endswith(": ok")
+    # prepared again in two parts, merged: the same store
+    for i in range(2):
+        mtscale("prepare", "--format", "ntu", "--input", str(tmp_path / "raw"), "--out", str(tmp_path / f"p{i}"),
+                "--part-index", str(i), "--num-parts", "2", "--quiet")
+    m = mtscale("merge", str(tmp_path / "p0"), str(tmp_path / "p1"), "--out", str(tmp_path / "merged"), "--quiet")
+    assert "40 samples" in m.stdout
+    from mtscale.data.store import Store
+
+    merged = Store.open(tmp_path / "merged").info()
+    assert merged["num_frames"] == info["num_frames"] and merged["label_counts"] == info["label_counts"]
+    # an existing store is never overwritten
+    again = mtscale("prepare", "--format", "ntu", "--input", str(tmp_path / "raw"), "--out", str(tmp_path / "st"), "--quiet", ok=False)
+    assert again.returncode == 2 and "already exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+
+def test_damaged_store_errors(tmp_path: Path):
+    mtscale("synth", "--out", str(tmp_path / "raw"), "--num-samples", "6", "--num-classes", "3", "--quiet")
+    mtscale("prepare", "--format", "ntu", "--input", str(tmp_path / "raw"), "--out", str(tmp_path / "st"), "--quiet")
+    shard = next(p for p in (tmp_path / "st" / "frames" / "c").rglob("*") if p.is_file())
+    data = bytearray(shard.read_bytes())
+    for j in range(len(data) // 3, len(data) // 3 + 64):
+        data[j] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    v = mtscale("verify", str(tmp_path / "st"), "--quiet", ok=False)
+    assert v.returncode == 1 and "problem(s) found" in v.stderr and v.stdout.strip()
+    meta = tmp_path / "st" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["schema_version"] = 7
+    meta.write_text(json.dumps(doc))
+    for verb in ("info", "verify"):
+        p = mtscale(verb, str(tmp_path / "st"), ok=False)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert "schema_version 7, expected 1" in p.stderr
+    p = mtscale("info", str(tmp_path / "missing"), ok=False)
+    assert p.returncode == 2 and "no store found" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_prepare_real_ntu(ntu_dir: Path, tmp_path: Path):
+    p = mtscale("prepare", "--format", "ntu", "--input", str(ntu_dir), "--out", str(tmp_path / "ntu"), "--json", "--quiet")
+    s = json.loads(p.stdout)
+    files = sorted(ntu_dir.glob("*.skeleton"))
+    assert s["num_samples"] == len(files) == 5 and s["num_skipped"] == 0
+    text = mtscale("info", str(tmp_path / "ntu")).stdout
+    assert "samples      5" in text and "drink water" in text
+    info = json.loads(mtscale("info", str(tmp_path / "ntu"), "--json").stdout)
+    want = {}
+    for f in files:
+        label = str(int(f.name[17:20]) - 1)
+        want[label] = want.get(label, 0) + 1
+    assert info["label_counts"] == want and info["num_classes"] == 120
+    assert mtscale("verify", str(tmp_path / "ntu"), "--quiet").returncode == 0
+
+
+def test_prepare_real_nw_ucla(ucla_dir: Path, tmp_path: Path):
+    pytest.importorskip("mtscale.data.formats.nw_ucla", reason="NW-UCLA reader not written yet")
+    p = mtscale("prepare", "--format", "nw-ucla", "--input", str(ucla_dir), "--out", str(tmp_path / "ucla"),
+                "--workers", "2", "--json", "--quiet")
+    s = json.loads(p.stdout)
+    assert s["num_samples"] == 1484 and s["num_skipped"] == 0
+    info = json.loads(mtscale("info", str(tmp_path / "ucla"), "--json").stdout)
+    assert info["layout"] == "kinect_v1_20" and info["num_samples"] == 1484
+    assert info["splits"]["view"] == {"test": 464, "train": 1020}
+    assert info["num_classes"] == 10 and sum(info["label_counts"].values()) == 1484
+    assert mtscale("verify", str(tmp_path / "ucla"), "--quiet").returncode == 0
