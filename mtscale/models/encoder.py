@@ -1,0 +1,287 @@
+"""MotionTransformer encoder, its size registry, classifier head and layer-wise lr decay ids.
+
+Axis letters: N batch, T frames, M bodies, V joints, C coordinates; B = sequences seen by the
+transformer (N in frame mode, N*M in patch mode), L tokens, D width, K token input features.
+
+Two tokenisations:
+
+* ``frame`` (the original Motion-Transformer view): one token per frame, all joints of all
+  bodies embedded together: (N, T, M*V*C) -> L = T tokens.
+* ``patch`` (MAMP): one token per (temporal patch of p frames x joint) with separate learned
+  temporal and joint position embeddings. Bodies are folded into the batch as MAMP does
+  (B = N*M, L = T/p * V, K = p*C); ``features`` pools over tokens and then averages the M
+  bodies back into one vector per sample (absent bodies are zeros in the store, as in MAMP).
+
+Token order in patch mode is temporal-patch-major: token ``l = tp * V + v``.
+
+Print the size table with ``python -m mtscale.models.encoder --table``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mtscale.config import ModelConfig
+from mtscale.errors import ConfigError
+from mtscale.models.layers import Transformer, init_weights, key_padding_to_attn_mask
+
+
+@dataclass(frozen=True)
+class Size:
+    dim: int
+    depth: int
+    heads: int
+    mlp_ratio: float = 4.0
+
+
+SIZES: dict[str, Size] = {
+    "tiny": Size(64, 2, 4),  # tests and CPU demos
+    "small": Size(256, 8, 8),  # ~ MAMP's encoder (8 layers, 256 wide, 8 heads)
+    "base": Size(512, 12, 8),
+    "large": Size(768, 24, 12),
+    "xl": Size(1024, 24, 16),  # >= 300M parameters: ZeRO-3 territory
+    "huge": Size(2048, 24, 16),  # >= 1B parameters: ZeRO-3 (+ offload) only
+}
+
+
+def resolve_size(cfg: ModelConfig) -> Size:
+    """The registry row named by ``cfg.size`` with any explicit dim/depth/heads/mlp_ratio applied."""
+    if cfg.size not in SIZES:
+        raise ConfigError(f"model.size: found {cfg.size!r}, expected one of {'|'.join(SIZES)}")
+    base = SIZES[cfg.size]
+    return Size(
+        dim=cfg.dim if cfg.dim is not None else base.dim,
+        depth=cfg.depth if cfg.depth is not None else base.depth,
+        heads=cfg.heads if cfg.heads is not None else base.heads,
+        mlp_ratio=cfg.mlp_ratio if cfg.mlp_ratio is not None else base.mlp_ratio,
+    )
+
+
+class MotionTransformer(nn.Module):
+    """Transformer encoder over skeleton clips (N, T, M, V, C).
+
+    Submodules (stable state-dict keys, exported as-is): ``embed`` (token -> D linear),
+    ``pos_t`` / ``pos_v`` (position embeddings), ``transformer.blocks.{i}``, ``transformer.norm``.
+    """
+
+    def __init__(self, *, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0,
+                 tokenization: str = "patch", clip_frames: int = 120, num_bodies: int = 2,
+                 num_joints: int = 25, in_chans: int = 3, patch_frames: int = 4,
+                 drop_path: float = 0.0, qkv_bias: bool = True, attn_backend: str = "auto",
+                 checkpoint_activations: bool = False):
+        super().__init__()
+        if tokenization not in ("frame", "patch"):
+            raise ConfigError(f"model.tokenization: found {tokenization!r}, expected 'frame' or 'patch'")
+        if tokenization == "patch" and (patch_frames < 1 or clip_frames % patch_frames):
+            raise ConfigError(
+                f"model.patch_frames: found {patch_frames}, expected a divisor of data.clip_frames={clip_frames}"
+            )
+        self.dim, self.depth, self.heads, self.mlp_ratio = dim, depth, heads, mlp_ratio
+        self.tokenization, self.patch_frames = tokenization, patch_frames
+        self.T, self.M, self.V, self.C = clip_frames, num_bodies, num_joints, in_chans
+        if tokenization == "frame":
+            self.grid = (clip_frames, 1)  # (Lt, Lv)
+            self.token_dim = num_bodies * num_joints * in_chans
+        else:
+            self.grid = (clip_frames // patch_frames, num_joints)
+            self.token_dim = patch_frames * in_chans
+        self.num_tokens = self.grid[0] * self.grid[1]
+        self.embed = nn.Linear(self.token_dim, dim)
+        self.pos_t = nn.Parameter(torch.empty(1, self.grid[0], 1, dim))
+        self.pos_v = nn.Parameter(torch.empty(1, 1, self.grid[1], dim)) if tokenization == "patch" else None
+        self.transformer = Transformer(dim, depth, heads, mlp_ratio, drop_path, qkv_bias, attn_backend,
+                                       checkpoint_activations)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        init_weights(m)
+        if isinstance(m, MotionTransformer):
+            nn.init.trunc_normal_(m.pos_t, std=0.02)
+            if m.pos_v is not None:
+                nn.init.trunc_normal_(m.pos_v, std=0.02)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, *, clip_frames: int, num_bodies: int, num_joints: int,
+                    in_chans: int = 3) -> MotionTransformer:
+        s = resolve_size(cfg)
+        return cls(dim=s.dim, depth=s.depth, heads=s.heads, mlp_ratio=s.mlp_ratio,
+                   tokenization=cfg.tokenization, clip_frames=clip_frames, num_bodies=num_bodies,
+                   num_joints=num_joints, in_chans=in_chans, patch_frames=cfg.patch_frames,
+                   drop_path=cfg.drop_path, qkv_bias=getattr(cfg, "qkv_bias", True),
+                   attn_backend=cfg.attn_backend, checkpoint_activations=cfg.checkpoint_activations)
+
+    # ------------------------------------------------------------------ tokens
+    @property
+    def bodies_folded(self) -> int:
+        """Sequences per sample: M in patch mode (bodies folded into the batch), 1 in frame mode."""
+        return self.M if self.tokenization == "patch" else 1
+
+    def check_input(self, x_NTMVC: Tensor) -> None:
+        want = (self.T, self.M, self.V, self.C)
+        if x_NTMVC.ndim != 5 or tuple(x_NTMVC.shape[1:]) != want:
+            raise ConfigError(
+                f"encoder input: found shape {tuple(x_NTMVC.shape)}, expected (N, T, M, V, C) = (N, {want[0]}, "
+                f"{want[1]}, {want[2]}, {want[3]}) from data.clip_frames / data.num_bodies / the layout"
+            )
+
+    def tokenize(self, x_NTMVC: Tensor) -> Tensor:
+        """(N, T, M, V, C) -> tokens (B, L, K)."""
+        self.check_input(x_NTMVC)
+        N, T, M, V, C = x_NTMVC.shape
+        if self.tokenization == "frame":
+            return x_NTMVC.reshape(N, T, M * V * C)
+        p = self.patch_frames
+        x = x_NTMVC.reshape(N, T // p, p, M, V, C).permute(0, 3, 1, 4, 2, 5)  # (N, M, Tp, V, p, C)
+        return x.reshape(N * M, (T // p) * V, p * C)
+
+    def token_valid(self, mask_NT: Tensor | None) -> Tensor | None:
+        """Valid-frame mask (N, T) -> valid-token mask (B, L); a patch is valid if any frame is."""
+        if mask_NT is None:
+            return None
+        mask_NT = mask_NT.bool()
+        if self.tokenization == "frame":
+            return mask_NT
+        N = mask_NT.shape[0]
+        Tp, V = self.grid
+        v_NTp = mask_NT.reshape(N, Tp, self.patch_frames).any(dim=2)
+        v = v_NTp[:, None, :, None].expand(N, self.M, Tp, V)
+        return v.reshape(N * self.M, Tp * V)
+
+    def pos_embed(self) -> Tensor:
+        """(1, L, D) position embedding (temporal + joint in patch mode)."""
+        pos = self.pos_t if self.pos_v is None else self.pos_t + self.pos_v  # (1, Lt, Lv, D)
+        return pos.reshape(1, self.num_tokens, self.dim)
+
+    def embed_tokens(self, tokens_BLK: Tensor) -> Tensor:
+        """Linear token embedding + position embedding: (B, L, K) -> (B, L, D)."""
+        return self.embed(tokens_BLK) + self.pos_embed()
+
+    def encode(self, h_BLD: Tensor, valid_BL: Tensor | None = None) -> Tensor:
+        """Run the transformer (blocks + final norm) on embedded tokens (any subset of L)."""
+        return self.transformer(h_BLD, key_padding_to_attn_mask(valid_BL))
+
+    # ------------------------------------------------------------------ public
+    def forward(self, x_NTMVC: Tensor, mask_NT: Tensor | None = None) -> Tensor:
+        """Token features (B, L, D)."""
+        return self.encode(self.embed_tokens(self.tokenize(x_NTMVC)), self.token_valid(mask_NT))
+
+    def features(self, x_NTMVC: Tensor, mask_NT: Tensor | None = None) -> Tensor:
+        """Pooled representation (N, D): mean over valid tokens, then over folded bodies."""
+        N = x_NTMVC.shape[0]
+        h_BLD = self(x_NTMVC, mask_NT)
+        valid = self.token_valid(mask_NT)
+        if valid is None:
+            pooled_BD = h_BLD.mean(dim=1)
+        else:
+            w = valid.to(h_BLD.dtype).unsqueeze(-1)  # (B, L, 1)
+            pooled_BD = (h_BLD * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return pooled_BD.reshape(N, self.bodies_folded, self.dim).mean(dim=1)
+
+
+class ClassifierHead(nn.Module):
+    """Encoder + (BatchNorm-free) LayerNorm -> dropout -> linear classifier on pooled features.
+
+    ``head`` keys are separate from ``encoder.*`` so a pre-trained encoder loads exactly.
+    """
+
+    def __init__(self, encoder: MotionTransformer, num_classes: int, drop: float = 0.0):
+        super().__init__()
+        self.encoder = encoder
+        self.fc_norm = nn.LayerNorm(encoder.dim, eps=1e-6)
+        self.drop = nn.Dropout(drop)
+        self.head = nn.Linear(encoder.dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE fine-tuning init
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x_NTMVC: Tensor, mask_NT: Tensor | None = None) -> Tensor:
+        """Logits (N, num_classes)."""
+        return self.head(self.drop(self.fc_norm(self.encoder.features(x_NTMVC, mask_NT))))
+
+
+def build_classifier(encoder: MotionTransformer, num_classes: int, drop: float = 0.0) -> ClassifierHead:
+    return ClassifierHead(encoder, num_classes, drop)
+
+
+_BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+def layer_id_for(name: str, depth: int) -> int:
+    """Layer id for layer-wise lr decay (BEiT/MAE): embeddings 0, block i -> i + 1, rest depth + 1.
+
+    lr scale for a parameter = decay ** (depth + 1 - layer_id_for(name, depth)).
+    Works with or without an ``encoder.`` prefix.
+    """
+    m = _BLOCK_RE.search(name)
+    if m:
+        return int(m.group(1)) + 1
+    leaf = name.removeprefix("encoder.")
+    if leaf.startswith(("embed.", "pos_t", "pos_v", "mask_token")):
+        return 0
+    return depth + 1
+
+
+def param_groups_lrd(model: nn.Module, depth: int, weight_decay: float, layer_decay: float) -> list[dict]:
+    """Parameter groups with per-layer ``lr_scale`` and no weight decay on biases/norms/embeddings."""
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_wd = p.ndim == 1 or name.endswith((".bias", "pos_t", "pos_v", "mask_token"))
+        lid = layer_id_for(name, depth)
+        g = groups.setdefault((lid, no_wd), {
+            "params": [], "weight_decay": 0.0 if no_wd else weight_decay,
+            "lr_scale": layer_decay ** (depth + 1 - lid), "layer_id": lid,
+        })
+        g["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def count_parameters(size: str, tokenization: str = "patch", *, clip_frames: int = 120, num_bodies: int = 2,
+                     num_joints: int = 25, patch_frames: int = 4) -> int:
+    """Encoder parameter count, built on the meta device (no memory, any size)."""
+    cfg = ModelConfig(size=size, tokenization=tokenization, patch_frames=patch_frames)
+    with torch.device("meta"):
+        enc = MotionTransformer.from_config(cfg, clip_frames=clip_frames, num_bodies=num_bodies,
+                                            num_joints=num_joints)
+    return sum(p.numel() for p in enc.parameters())
+
+
+def size_table(clip_frames: int = 120, num_bodies: int = 2, num_joints: int = 25, patch_frames: int = 4) -> str:
+    """Markdown table of the registry with encoder parameter counts for both tokenisations."""
+    rows = ["| size | dim | depth | heads | mlp_ratio | params (patch) | params (frame) |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, s in SIZES.items():
+        kw = dict(clip_frames=clip_frames, num_bodies=num_bodies, num_joints=num_joints, patch_frames=patch_frames)
+        pp, pf = count_parameters(name, "patch", **kw), count_parameters(name, "frame", **kw)
+        rows.append(f"| {name} | {s.dim} | {s.depth} | {s.heads} | {s.mlp_ratio:g} | {_human(pp)} | {_human(pf)} |")
+    return "\n".join(rows)
+
+
+def _human(n: int) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} M"
+    return f"{n / 1e3:.0f} k"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="MotionTransformer size registry")
+    ap.add_argument("--table", action="store_true", help="print the markdown size table")
+    ap.add_argument("--clip-frames", type=int, default=120)
+    ap.add_argument("--num-bodies", type=int, default=2)
+    ap.add_argument("--num-joints", type=int, default=25)
+    ap.add_argument("--patch-frames", type=int, default=4)
+    a = ap.parse_args(argv)
+    print(size_table(a.clip_frames, a.num_bodies, a.num_joints, a.patch_frames))  # CLI output
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,217 @@
+"""Transformer building blocks: attention, MLP, drop-path, pre-norm block.
+
+This module holds the *only* call site of ``torch.nn.functional.scaled_dot_product_attention``
+in mtscale (see :func:`attend`); every attention in the encoder and the decoders goes through
+it, so the backend choice (``auto|flash|efficient|cudnn|math``) and its logging live in one
+place. Shapes: B sequences (batch, possibly with bodies folded in), L tokens, D model width,
+H heads, Dh = D / H.
+
+Key-padding masks: a boolean mask is passed to SDPA only when some token is actually padded
+(the loader resamples clips to T frames, so usually none is). On CPU the fused flash kernel
+accepts a boolean mask; on CUDA an ``attn_mask`` rules out the flash kernel (SDPA then runs the
+memory-efficient or cuDNN kernel), which is why the all-valid case passes ``None``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger(__name__)
+
+BACKENDS: dict[str, SDPBackend | None] = {
+    "auto": None,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+_BACKEND_NAMES = {
+    SDPBackend.MATH: "math",
+    SDPBackend.FLASH_ATTENTION: "flash",
+    SDPBackend.EFFICIENT_ATTENTION: "efficient",
+    SDPBackend.CUDNN_ATTENTION: "cudnn",
+}
+_seen: set[tuple] = set()
+_last_backend: dict[str, str] = {}
+
+
+def sdpa_backend_context(name: str) -> contextlib.AbstractContextManager:
+    """Context manager restricting SDPA to backend ``name`` (``auto`` = no restriction)."""
+    if name not in BACKENDS:
+        from mtscale.errors import ConfigError
+
+        raise ConfigError(f"model.attn_backend: found {name!r}, expected one of {'|'.join(BACKENDS)}")
+    backend = BACKENDS[name]
+    return contextlib.nullcontext() if backend is None else sdpa_kernel(backend)
+
+
+def _chosen_backend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float) -> str:
+    """Name of the kernel SDPA dispatches to for these inputs (under the active context)."""
+    try:
+        choice = torch._fused_sdp_choice(q, k, v, attn_mask, dropout_p, False)
+        return _BACKEND_NAMES.get(SDPBackend(choice), str(choice))
+    except Exception:  # pragma: no cover - private API moved; logging only
+        return "unknown"
+
+
+def last_attention_backend() -> dict[str, str]:
+    """``{requested backend: kernel that ran}`` for the attention calls seen so far (for logs/benchmarks)."""
+    return dict(_last_backend)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+           dropout_p: float = 0.0, backend: str = "auto") -> Tensor:
+    """Scaled dot-product attention: the one call site in mtscale.
+
+    q, k, v: (B, H, L, Dh); attn_mask: None or bool (B, 1, 1|L, L) with True = attend.
+    Returns (B, H, L, Dh). The kernel that actually runs is looked up once per input signature
+    (device, dtype, backend, mask, dropout, grad) and logged when it changes.
+    """
+    with sdpa_backend_context(backend):
+        sig = (q.device.type, q.dtype, backend, attn_mask is not None, dropout_p > 0, q.requires_grad)
+        if sig not in _seen and not torch.compiler.is_compiling():
+            _seen.add(sig)
+            ran = _chosen_backend(q, k, v, attn_mask, dropout_p)
+            if _last_backend.get(backend) != ran:
+                _last_backend[backend] = ran
+                log.info("attention: SDPA backend requested=%s ran=%s on %s (%s, Dh=%d, mask=%s)",
+                         backend, ran, q.device.type, str(q.dtype).removeprefix("torch."), q.shape[-1],
+                         attn_mask is not None)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True, backend: str = "auto"):
+        super().__init__()
+        if dim % heads:
+            from mtscale.errors import ConfigError
+
+            raise ConfigError(f"model.heads: found {heads}, expected a divisor of dim={dim}")
+        self.heads, self.backend = heads, backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x_BLD: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        B, L, D = x_BLD.shape
+        # (B, L, 3, H, Dh) -> q, k, v (B, H, L, Dh) as strided views (SDPA takes them as they
+        # are). unbind's backward stacks the three grads straight into the (B, L, 3, H, Dh)
+        # layout of the fused projection: no zero-filled buffer + copies as with qkv[i] indexing.
+        q, k, v = self.qkv(x_BLD).view(B, L, 3, self.heads, D // self.heads).unbind(2)
+        o_BHLd = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, 0.0, self.backend)
+        # The CPU flash / CUDA kernels return (B, L, H, Dh) memory viewed as (B, H, L, Dh): free reshape.
+        return self.proj(o_BHLd.transpose(1, 2).reshape(B, L, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a residual branch for a random subset of samples (training only).
+
+    Uses the global torch RNG (seeded by the trainer); identity when ``p == 0`` or in eval.
+    """
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)); x + mlp(ln(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 qkv_bias: bool = True, backend: str = "auto"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, qkv_bias=qkv_bias, backend=backend)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(round(dim * mlp_ratio)))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x_BLD: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        x_BLD = x_BLD + self.drop_path(self.attn(self.norm1(x_BLD), attn_mask))
+        return x_BLD + self.drop_path(self.mlp(self.norm2(x_BLD)))
+
+
+class Transformer(nn.Module):
+    """A stack of pre-norm blocks + final LayerNorm, with optional activation checkpointing."""
+
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 qkv_bias: bool = True, backend: str = "auto", checkpoint_activations: bool = False):
+        super().__init__()
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linear decay rule
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, mlp_ratio, rates[i], qkv_bias, backend) for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.checkpoint_activations = checkpoint_activations
+
+    def forward(self, x_BLD: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        for blk in self.blocks:
+            if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+                x_BLD = checkpoint(blk, x_BLD, attn_mask, use_reentrant=False)
+            else:
+                x_BLD = blk(x_BLD, attn_mask)
+        return self.norm(x_BLD)
+
+
+def key_padding_to_attn_mask(valid_BL: Tensor | None) -> Tensor | None:
+    """Boolean key-padding mask (B, L), True = real token -> SDPA mask (B, 1, 1, L), or None
+    when every token is valid (keeps the flash kernel eligible on CUDA).
+
+    A row with no valid token would make softmax NaN; such rows attend to everything instead
+    (their outputs are ignored by pooling and losses anyway).
+    """
+    if valid_BL is None:
+        return None
+    valid_BL = valid_BL.bool()
+    if bool(valid_BL.all()):
+        return None
+    empty = ~valid_BL.any(dim=1, keepdim=True)
+    return (valid_BL | empty)[:, None, None, :]
+
+
+def init_weights(m: nn.Module) -> None:
+    """Standard inits only (ZeRO-3 ``zero.Init`` compatible): trunc-normal linears, unit LayerNorm."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        if m.weight is not None:
+            nn.init.ones_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def iter_block_modules(model: nn.Module) -> Iterator[Block]:
+    for m in model.modules():
+        if isinstance(m, Block):
+            yield m

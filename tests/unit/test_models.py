@@ -1,0 +1,228 @@
+"""MotionTransformer: shapes, sizes, parameter counts, attention path, padding, drop-path, lr-decay ids."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtscale.config import ModelConfig
+from mtscale.errors import ConfigError
+from mtscale.models import layers
+from mtscale.models.encoder import (SIZES, MotionTransformer, build_classifier, count_parameters, layer_id_for,
+                                    param_groups_lrd, size_table)
+
+PKG = Path(__file__).resolve().parents[2] / "mtscale"
+N, T, M, V, C = 3, 16, 2, 5, 3
+
+
+def enc(tok: str = "patch", size: str = "tiny", **kw) -> MotionTransformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(size=size, tokenization=tok, patch_frames=4, **kw)
+    return MotionTransformer.from_config(cfg, clip_frames=T, num_bodies=M, num_joints=V)
+
+
+def x_batch(n: int = N, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, T, M, V, C, generator=torch.Generator().manual_seed(seed))
+
+
+def analytic_params(dim: int, depth: int, mlp_ratio: float, token_dim: int, pos: int) -> int:
+    h = int(round(dim * mlp_ratio))
+    block = (3 * dim * dim + 3 * dim) + (dim * dim + dim) + (dim * h + h) + (h * dim + dim) + 4 * dim
+    return depth * block + token_dim * dim + dim + pos + 2 * dim
+
+
+@pytest.mark.parametrize("tok", ["frame", "patch"])
+def test_shapes_both_tokenisations(tok: str) -> None:
+    e = enc(tok)
+    x = x_batch()
+    h = e(x)
+    if tok == "frame":
+        assert h.shape == (N, T, 64) and e.token_dim == M * V * C
+    else:
+        assert h.shape == (N * M, (T // 4) * V, 64) and e.token_dim == 4 * C
+    f = e.features(x)
+    assert f.shape == (N, 64) and torch.isfinite(f).all()
+
+
+def test_patch_tokenisation_layout() -> None:
+    """Token l = tp * V + v of body m holds frames [4 tp, 4 tp + 4) of joint v, coordinates last."""
+    e = enc("patch")
+    x = x_batch()
+    tok = e.tokenize(x)  # (N*M, Tp*V, p*C)
+    n, m, tp, v = 1, 1, 2, 3
+    want = x[n, 4 * tp: 4 * tp + 4, m, v, :].reshape(-1)
+    assert torch.equal(tok[n * M + m, tp * V + v], want)
+
+
+def test_features_pool_bodies_back() -> None:
+    """Patch mode folds bodies into the batch; features average them back: swapping bodies is a no-op."""
+    e = enc("patch").eval()
+    x = x_batch()
+    with torch.no_grad():
+        a = e.features(x)
+        b = e.features(x.flip(2))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_built_sizes_match_analytic_count(size: str) -> None:
+    s = SIZES[size]
+    for tok in ("frame", "patch"):
+        e = enc(tok, size)
+        built = sum(p.numel() for p in e.parameters())
+        pos = T * s.dim if tok == "frame" else (T // 4) * s.dim + V * s.dim
+        assert built == analytic_params(s.dim, s.depth, s.mlp_ratio, e.token_dim, pos)
+        assert built == count_parameters(size, tok, clip_frames=T, num_bodies=M, num_joints=V, patch_frames=4)
+        assert e(x_batch(1)).shape[-1] == s.dim
+
+
+def test_big_sizes_counted_on_meta() -> None:
+    counts = {s: count_parameters(s, "patch") for s in SIZES}
+    assert counts["tiny"] < counts["small"] < counts["base"] < counts["large"] < counts["xl"] < counts["huge"]
+    assert 5e6 < counts["small"] < 8e6  # MAMP-like encoder
+    assert counts["xl"] >= 300e6
+    assert counts["huge"] >= 1e9
+    s = SIZES["huge"]
+    assert counts["huge"] == analytic_params(s.dim, s.depth, s.mlp_ratio, 4 * 3, 30 * s.dim + 25 * s.dim)
+    table = size_table()
+    assert "| huge | 2048 | 24 |" in table and "1.21 B" in table
+
+
+def test_overrides_and_errors() -> None:
+    e = enc("frame", dim=96, depth=3, heads=6)
+    assert (e.dim, e.depth, e.heads) == (96, 3, 6) and len(e.transformer.blocks) == 3
+    with pytest.raises(ConfigError, match="model.size"):
+        enc("frame", size="gigantic")
+    with pytest.raises(ConfigError, match="model.patch_frames"):
+        MotionTransformer.from_config(ModelConfig(patch_frames=5), clip_frames=T, num_bodies=M, num_joints=V)
+    with pytest.raises(ConfigError, match="model.heads"):
+        enc("frame", heads=5)
+    with pytest.raises(ConfigError, match=r"expected \(N, T, M, V, C\)"):
+        enc("patch")(torch.zeros(2, T, M, V + 1, C))
+
+
+def test_state_dict_keys_stable() -> None:
+    keys = set(enc("patch").state_dict())
+    assert {"embed.weight", "pos_t", "pos_v", "transformer.norm.weight", "transformer.blocks.0.attn.qkv.weight",
+            "transformer.blocks.1.mlp.fc2.bias"} <= keys
+    assert all(re.match(r"^(embed|pos_t|pos_v|transformer)\b", k) for k in keys)
+    clf = build_classifier(enc("patch"), num_classes=7, drop=0.1)
+    missing, unexpected = clf.encoder.load_state_dict(enc("patch").state_dict(), strict=True)
+    assert not missing and not unexpected
+    assert clf(x_batch()).shape == (N, 7)
+
+
+def test_sdpa_is_the_only_attention() -> None:
+    """One call site of scaled_dot_product_attention in the package, in layers.py; no hand-made softmax(QK^T)."""
+    hits = []
+    for p in PKG.rglob("*.py"):
+        src = p.read_text()
+        hits += [(p.name, m.start()) for m in re.finditer(r"scaled_dot_product_attention\(", src)]
+        assert not re.search(r"(q|query)\s*@\s*(k|key)\.transpose", src), p
+        assert not re.search(r"\bsoftmax\(.*@", src), p
+    assert [h[0] for h in hits] == ["layers.py"]
+
+
+def test_backends_agree_and_backend_logged(caplog: pytest.LogCaptureFixture) -> None:
+    x = x_batch()
+    outs = {}
+    for backend in ("auto", "math"):
+        e = enc("patch", attn_backend=backend).eval()
+        with torch.no_grad():
+            outs[backend] = e(x)
+    torch.testing.assert_close(outs["auto"], outs["math"], rtol=1e-4, atol=1e-4)
+    ran = layers.last_attention_backend()
+    assert ran["math"] == "math"
+    assert ran["auto"] == "flash"  # the fused CPU flash kernel (CUDA picks flash/cudnn/efficient)
+
+
+def test_padding_mask_isolates_invalid_frames() -> None:
+    """Garbage in invalid frames changes neither valid tokens' outputs nor the pooled features."""
+    e = enc("frame").eval()
+    x = x_batch()
+    mask = torch.ones(N, T, dtype=torch.bool)
+    mask[0, 10:] = False
+    mask[2, 5:] = False
+    x2 = x.clone()
+    x2[~mask] = 100.0
+    with torch.no_grad():
+        h1, h2 = e(x, mask), e(x2, mask)
+        torch.testing.assert_close(h1[mask], h2[mask], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(e.features(x, mask), e.features(x2, mask), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(e.features(x), e.features(x2))  # without the mask they differ
+    assert layers.key_padding_to_attn_mask(torch.ones(2, 4, dtype=torch.bool)) is None  # flash path kept
+
+
+def test_drop_path_active_in_train_off_in_eval() -> None:
+    e = enc("frame", drop_path=0.5)
+    assert e.transformer.blocks[-1].drop_path.p == 0.5 and e.transformer.blocks[0].drop_path.p == 0.0
+    x = x_batch(8)
+    e.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(e(x), e(x))
+        e.train()
+        torch.manual_seed(1)
+        a = e(x)
+        torch.manual_seed(2)
+        b = e(x)
+    assert not torch.allclose(a, b)
+
+
+def test_activation_checkpointing_same_gradients() -> None:
+    x = x_batch()
+    grads = []
+    for ckpt in (False, True):
+        e = enc("patch", checkpoint_activations=ckpt)
+        e.features(x).square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in e.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_layer_ids_for_lr_decay() -> None:
+    assert layer_id_for("embed.weight", 8) == 0
+    assert layer_id_for("encoder.pos_t", 8) == 0
+    assert layer_id_for("encoder.transformer.blocks.0.attn.qkv.weight", 8) == 1
+    assert layer_id_for("transformer.blocks.7.mlp.fc1.bias", 8) == 8
+    assert layer_id_for("encoder.transformer.norm.weight", 8) == 9
+    assert layer_id_for("head.weight", 8) == 9
+    clf = build_classifier(enc("frame"), 5)
+    groups = param_groups_lrd(clf, depth=2, weight_decay=0.05, layer_decay=0.5)
+    n = sum(len(g["params"]) for g in groups)
+    assert n == len(list(clf.parameters()))
+    scales = {g["layer_id"]: g["lr_scale"] for g in groups}
+    assert scales[0] == 0.125 and scales[3] == 1.0
+    assert all(g["weight_decay"] == 0.0 for g in groups if all(p.ndim == 1 for p in g["params"]))
+
+
+_ZERO3_SCRIPT = r"""
+import os, socket, sys
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import torch, deepspeed
+deepspeed.init_distributed(dist_backend="gloo")
+from mtscale.config import ModelConfig, ObjectiveConfig
+from mtscale.models.objectives import build_pretrain_model
+with deepspeed.zero.Init(config_dict_or_path={"train_batch_size": 1, "zero_optimization": {"stage": 3}}):
+    m = build_pretrain_model(ModelConfig(size="tiny"), ObjectiveConfig(decoder_dim=32, decoder_depth=1, decoder_heads=4),
+                             clip_frames=16, num_bodies=2, num_joints=5)
+assert m.encoder.pos_t.numel() == 0 and m.encoder.pos_t.ds_numel == 4 * 64  # partitioned
+with deepspeed.zero.GatheredParameters(list(m.parameters())):
+    assert 0.01 < m.encoder.pos_t.std().item() < 0.03          # trunc-normal(0.02) ran
+    assert 0.01 < m.encoder.embed.weight.std().item() < 0.03
+    assert m.encoder.transformer.blocks[0].norm1.weight.eq(1).all()
+    assert 0.005 < m.mask_token.std().item() < 0.04
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_constructible_inside_zero3_init() -> None:
+    """ZeRO-3 partitions parameters as modules are built; our inits must still run (via apply)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _ZERO3_SCRIPT], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
