@@ -1,0 +1,308 @@
+"""Checkpoints: save / resume a DeepSpeed engine with our client state (loader cursor, RNG
+states, step, resolved config), keep the last K, and export the encoder as one consolidated
+fp32 safetensors file (+ ``encoder.json``) that ``load_encoder`` reads back exactly.
+
+Layout of a run directory::
+
+    <run>/checkpoints/latest            tag of the newest complete checkpoint (DeepSpeed writes it last)
+    <run>/checkpoints/step00000040/     DeepSpeed files of every rank (model, optimizer shards)
+    <run>/encoder.safetensors           the exported encoder (end of run)
+
+Loading never unpickles arbitrary objects: DeepSpeed 0.19.8 calls ``torch.load(...,
+weights_only=False)`` in its checkpoint engine and in ``zero_to_fp32``; we run those calls
+under ``safe_torch_load()``, which forces ``weights_only=True`` and allows only the few
+DeepSpeed / Python types its checkpoint files hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from mtscale.errors import BadInputError, ConfigError
+
+log = logging.getLogger(__name__)
+
+CKPT_DIRNAME = "checkpoints"
+META_KEY = "mtscale"
+
+
+# --------------------------------------------------------------------------- safe loading
+
+
+def _safe_globals() -> list[Any]:
+    import argparse
+    import collections
+
+    out: list[Any] = [collections.OrderedDict, collections.defaultdict, dict, argparse.Namespace, set]
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        out.append(ZeroStageEnum)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+
+        out += [LossScaler, DynamicLossScaler]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        out.append(fragment_address)
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+@contextlib.contextmanager
+def safe_torch_load() -> Iterator[None]:
+    """Within this block every ``torch.load`` (DeepSpeed's included) is ``weights_only=True``,
+    with an allow-list of the DeepSpeed types its checkpoints contain."""
+    orig = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return orig(*args, **kwargs)
+
+    torch.load = load  # DeepSpeed looks it up as ``torch.load`` at call time
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            yield
+    finally:
+        torch.load = orig
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def capture_rng() -> dict[str, Any]:
+    """RNG states as tensors / plain Python (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- save / resume
+
+
+def ckpt_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CKPT_DIRNAME
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def latest_tag(root: str | Path) -> str | None:
+    """Tag named by ``<root>/latest`` (None when there is no complete checkpoint)."""
+    f = Path(root) / "latest"
+    if not f.is_file():
+        return None
+    tag = f.read_text().strip()
+    return tag if (Path(root) / tag).is_dir() else None
+
+
+def save(engine: Any, run_dir: str | Path, step: int, client_state: dict[str, Any], keep: int) -> Path:
+    """Collective: every rank calls it. Saves tag ``step########`` and prunes old tags on rank 0."""
+    import torch.distributed as dist
+
+    root = ckpt_root(run_dir)
+    tag = tag_for(step)
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=True)
+    if dist.is_initialized():
+        dist.barrier()
+    if engine.global_rank == 0:
+        prune(root, keep)
+    log.info("saved checkpoint %s", root / tag)
+    return root / tag
+
+
+def prune(root: Path, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` step tags (never the one ``latest`` names)."""
+    tags = sorted(p.name for p in root.glob("step*") if p.is_dir())
+    current = latest_tag(root)
+    removed = []
+    for t in tags[:-keep] if keep > 0 else []:
+        if t != current:
+            shutil.rmtree(root / t, ignore_errors=True)
+            removed.append(t)
+    return removed
+
+
+def resume(engine: Any, run_dir: str | Path) -> dict[str, Any] | None:
+    """Load the latest checkpoint of ``run_dir`` into ``engine`` (module, optimizer, LR
+    schedule); returns our client state, or None when there is nothing to resume."""
+    root = ckpt_root(run_dir)
+    tag = latest_tag(root)
+    if tag is None:
+        return None
+    with safe_torch_load():
+        path, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+    if path is None:
+        raise BadInputError(str(root / tag), None, "DeepSpeed could not load this checkpoint",
+                            "a complete checkpoint written by mtscale pretrain")
+    log.info("resumed from %s (step %s)", path, client.get("step"))
+    return client
+
+
+# --------------------------------------------------------------------------- export / load
+
+
+def _resolve_ckpt(run_dir_or_ckpt: str | Path) -> tuple[Path, str]:
+    """(checkpoint root, tag) from a run dir, a checkpoints dir or a tag dir."""
+    p = Path(run_dir_or_ckpt)
+    for root in (ckpt_root(p), p):
+        tag = latest_tag(root)
+        if tag is not None:
+            return root, tag
+    if p.is_dir() and p.name.startswith("step") and any(p.glob("*model_states.pt")):
+        return p.parent, p.name
+    raise BadInputError(str(p), None, "no DeepSpeed checkpoint found",
+                        "a run directory, its checkpoints/ folder, or a step######## folder")
+
+
+def _read_model_states(root: Path, tag: str) -> dict[str, Any]:
+    files = sorted((root / tag).glob("mp_rank_00_model_states.pt")) or sorted((root / tag).glob("*model_states.pt"))
+    if not files:
+        raise BadInputError(str(root / tag), None, "no *model_states.pt file", "a DeepSpeed checkpoint folder")
+    with safe_torch_load():
+        return torch.load(files[0], map_location="cpu")
+
+
+def consolidated_state_dict(run_dir_or_ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Full fp32 state dict of the trained module (any ZeRO stage) and the checkpoint's client
+    state. ZeRO 1-3 use the fp32 master weights (DeepSpeed's zero_to_fp32); stage 0 the module."""
+    root, tag = _resolve_ckpt(run_dir_or_ckpt)
+    states = _read_model_states(root, tag)
+    stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
+    if stage >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with safe_torch_load():
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    else:
+        sd = states["module"]
+    sd = {k: v.detach().to(torch.float32).contiguous() for k, v in sd.items()}
+    client = {k: v for k, v in states.items() if k not in _DS_KEYS}
+    return sd, client
+
+
+_DS_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes", "shared_params",
+            "frozen_param_fragments", "lr_scheduler", "data_sampler", "random_ltd", "sparse_tensor_module_names",
+            "skipped_steps", "global_steps", "global_samples", "dp_world_size", "mp_world_size", "ds_config",
+            "ds_version", "ds_rank"}
+
+
+def encoder_state(module_sd: dict[str, torch.Tensor], prefix: str = "encoder.") -> dict[str, torch.Tensor]:
+    """The ``encoder.*`` entries of a pre-training state dict, prefix removed."""
+    out = {k[len(prefix):]: v for k, v in module_sd.items() if k.startswith(prefix)}
+    if not out:
+        raise ConfigError(f"export: no '{prefix}*' keys in the checkpoint (found e.g. {sorted(module_sd)[:3]})")
+    return out
+
+
+def save_encoder(state: dict[str, torch.Tensor], meta: dict[str, Any], out_path: str | Path) -> Path:
+    """Write ``out_path`` (safetensors, metadata ``mtscale`` = JSON ``meta``) and a sidecar
+    ``<stem>.json`` with the same meta; both atomically."""
+    from safetensors.torch import save_file
+
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file({k: v.detach().cpu().to(torch.float32).contiguous() for k, v in state.items()}, str(tmp),
+              metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+    tmp.replace(out)
+    side = out.with_suffix(".json")
+    side_tmp = side.with_name(side.name + ".tmp")
+    side_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    side_tmp.replace(side)
+    return out
+
+
+def encoder_meta(cfg_dict: dict[str, Any], *, num_joints: int, layout: str | None, step: int) -> dict[str, Any]:
+    """What ``load_encoder`` needs to rebuild the encoder: model section + clip geometry."""
+    from mtscale import __version__
+
+    data = cfg_dict.get("data", {})
+    return {
+        "format": "mtscale-encoder/1", "mtscale_version": __version__, "model": cfg_dict["model"],
+        "clip_frames": int(data.get("clip_frames", 120)), "num_bodies": int(data.get("num_bodies", 2)),
+        "num_joints": int(num_joints), "in_chans": 3, "layout": layout, "step": int(step),
+        "objective": cfg_dict.get("objective"),
+    }
+
+
+def export_encoder(run_dir_or_ckpt: str | Path, out_path: str | Path) -> Path:
+    """Consolidate the latest checkpoint of a run (any ZeRO stage) into one fp32 encoder file."""
+    sd, client = consolidated_state_dict(run_dir_or_ckpt)
+    meta = client.get("encoder_meta")
+    if meta is None:
+        raise BadInputError(str(run_dir_or_ckpt), None, "checkpoint has no encoder_meta client state",
+                            "a checkpoint written by mtscale pretrain")
+    meta = dict(meta, step=int(client.get("step", meta.get("step", 0))))
+    return save_encoder(encoder_state(sd), meta, out_path)
+
+
+def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the MotionTransformer from an exported file and load its weights exactly:
+    a missing, unexpected or mis-shaped key is an error naming them."""
+    from safetensors import safe_open
+
+    from mtscale.config import ModelConfig, from_dict
+    from mtscale.models.encoder import MotionTransformer
+
+    p = Path(path)
+    if not p.is_file():
+        raise BadInputError(str(p), None, "file not found", "an encoder .safetensors file")
+    with safe_open(str(p), framework="pt", device="cpu") as f:
+        raw = (f.metadata() or {}).get(META_KEY)
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if raw is None:
+        side = p.with_suffix(".json")
+        if not side.is_file():
+            raise BadInputError(str(p), None, f"no '{META_KEY}' metadata and no {side.name}",
+                                "a file written by mtscale export")
+        raw = side.read_text()
+    meta = json.loads(raw)
+    model_cfg = from_dict(ModelConfig, meta["model"], "model")
+    enc = MotionTransformer.from_config(model_cfg, clip_frames=meta["clip_frames"], num_bodies=meta["num_bodies"],
+                                        num_joints=meta["num_joints"], in_chans=meta.get("in_chans", 3))
+    expected = enc.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise BadInputError(str(p), None, f"missing keys {missing}, unexpected keys {unexpected}",
+                            "exactly the encoder's keys")
+    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+    if bad:
+        raise BadInputError(str(p), None, f"mis-shaped tensors {bad}", "the shapes of the configured encoder")
+    enc.load_state_dict(state, strict=True)
+    return enc.to(device), meta

@@ -1,0 +1,173 @@
+"""Config -> DeepSpeed: the DeepSpeed config dict (every default the run depends on written
+out), precision per device, the warmup + cosine schedule, and the engine itself.
+
+DeepSpeed changes defaults between releases (0.19.3 made ``gradient_clipping`` 1.0 unless
+set), so ``deepspeed_config`` never leaves a value that matters to DeepSpeed's default; the
+dict is saved as ``ds_config.json`` beside the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from mtscale.config import TrainConfig
+from mtscale.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    """global = micro x world_size x accumulation."""
+
+    micro_batch_size: int
+    grad_accum_steps: int
+    global_batch_size: int
+
+
+def batch_geometry(train: TrainConfig, world_size: int) -> BatchGeometry:
+    """Split ``train.batch_size`` over ranks (and accumulation steps when micro_batch_size is set)."""
+    micro = train.micro_batch_size
+    if micro is None:
+        if train.batch_size % world_size:
+            raise ConfigError(
+                f"train.batch_size: found {train.batch_size}, expected a multiple of the world size {world_size}"
+            )
+        micro = train.batch_size // world_size
+    per_step = micro * world_size
+    if micro < 1 or train.batch_size % per_step:
+        raise ConfigError(
+            f"train.batch_size: found {train.batch_size}, expected a multiple of micro_batch_size x world size "
+            f"= {micro} x {world_size}"
+        )
+    return BatchGeometry(micro, train.batch_size // per_step, train.batch_size)
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """auto -> bf16 on CUDA, fp32 elsewhere. bf16 on a CPU is allowed when asked, with a warning
+    (it is hundreds of times slower than fp32 on most CPUs)."""
+    if precision == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    if precision not in DTYPES:
+        raise ConfigError(f"train.precision: found {precision!r}, expected auto|fp32|bf16|fp16")
+    if device_type == "cpu" and precision != "fp32":
+        log.warning("train.precision=%s on a CPU: expect it to be far slower than fp32", precision)
+    return precision
+
+
+def deepspeed_config(train: TrainConfig, *, world_size: int, device_type: str) -> dict[str, Any]:
+    """The complete DeepSpeed config for this run. Every key that changes numerics, memory or
+    logging is written explicitly, so a DeepSpeed upgrade cannot silently change the run."""
+    geo = batch_geometry(train, world_size)
+    precision = resolve_precision(train.precision, device_type)
+    cuda = device_type == "cuda"
+    overlap = cuda if train.zero_overlap_comm is None else train.zero_overlap_comm
+    opt_params: dict[str, Any] = {
+        "lr": train.lr, "betas": list(train.betas), "eps": train.adam_eps, "weight_decay": train.weight_decay,
+    }
+    if not train.offload_optimizer:
+        # torch.optim.AdamW (fused kernel on CUDA): no DeepSpeed op to JIT-build. With optimizer
+        # offload DeepSpeed uses its DeepSpeedCPUAdam (built once, ~90 s, cached in TORCH_EXTENSIONS_DIR).
+        opt_params["torch_adam"] = True
+        opt_params["fused"] = bool(cuda)
+        if not cuda:
+            opt_params["foreach"] = True
+    offload_dev = {"device": "cpu", "pin_memory": bool(cuda)}
+    zero: dict[str, Any] = {
+        "stage": train.zero_stage,
+        "allgather_partitions": True,
+        "allgather_bucket_size": train.zero_bucket_size,
+        "reduce_scatter": True,
+        "reduce_bucket_size": train.zero_bucket_size,
+        "overlap_comm": bool(overlap),
+        "contiguous_gradients": True,
+        "round_robin_gradients": False,
+        "offload_optimizer": dict(offload_dev) if train.offload_optimizer else {"device": "none"},
+        "offload_param": dict(offload_dev) if train.offload_params else {"device": "none"},
+        "sub_group_size": 1_000_000_000,
+        "stage3_prefetch_bucket_size": train.zero3_prefetch_bucket_size,
+        "stage3_param_persistence_threshold": train.zero3_param_persistence_threshold,
+        "stage3_max_live_parameters": train.zero3_max_live_parameters,
+        "stage3_max_reuse_distance": 1_000_000_000,
+        "stage3_gather_16bit_weights_on_model_save": False,
+    }
+    return {
+        "train_batch_size": geo.global_batch_size,
+        "train_micro_batch_size_per_gpu": geo.micro_batch_size,
+        "gradient_accumulation_steps": geo.grad_accum_steps,
+        "gradient_clipping": float(train.grad_clip),
+        "optimizer": {"type": "AdamW", "params": opt_params},
+        # The warmup + cosine schedule is ours (``lr_lambda``), passed to deepspeed.initialize
+        # and saved in its checkpoints; DeepSpeed's own scheduler is therefore absent.
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {
+            "enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+            "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1,
+        },
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": False,
+        "prescale_gradients": False,
+        "gradient_predivide_factor": 1.0,
+        "communication_data_type": None,
+        "steps_per_print": 1_000_000_000,  # we log ourselves (loop.py)
+        "wall_clock_breakdown": False,
+        "memory_breakdown": False,
+        "dump_state": False,
+        "checkpoint": {"tag_validation": "Warn", "load_universal": False, "use_node_local_storage": False},
+    }
+
+
+def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of ``train.lr`` after ``step`` optimizer steps: linear warmup from lr/warmup,
+    then cosine from lr down to min_lr at max_steps."""
+    warm, total, floor = train.warmup_steps, train.max_steps, train.min_lr / train.lr if train.lr else 0.0
+
+    def f(step: int) -> float:
+        if warm > 0 and step < warm:
+            return (step + 1) / warm
+        span = max(total - warm, 1)
+        progress = min(max(step - warm, 0) / span, 1.0)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms, tokens and position embeddings (ndim < 2
+    or names ending in ``_token`` / ``pos_embed``)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.endswith(("bias", "_token", "pos_embed", "pos_embed_t", "pos_embed_v")):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_engine(
+    make_model: Callable[[], torch.nn.Module], train: TrainConfig, ds_config: dict[str, Any]
+) -> tuple[Any, torch.nn.Module]:
+    """Build the model (under ``deepspeed.zero.Init`` for ZeRO-3, so no rank ever holds all of
+    it) and wrap it in a DeepSpeed engine with our LR schedule. Returns (engine, model)."""
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    stage3 = ds_config["zero_optimization"]["stage"] == 3
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage3):
+        model = make_model()
+    schedule = lr_lambda(train)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, train.weight_decay), config=ds_config,
+        lr_scheduler=lambda opt: LambdaLR(opt, schedule), dist_init_required=False,
+    )
+    return engine, model

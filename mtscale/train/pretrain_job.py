@@ -1,0 +1,137 @@
+"""One pre-training run, start to end: world -> store + loader -> model under DeepSpeed ->
+resume -> step loop -> checkpoints -> exported encoder + loss plot.
+
+Run directory (``run.dir``): ``config.yaml`` (resolved), ``ds_config.json``, ``metrics.jsonl``,
+``tb/`` (TensorBoard), ``checkpoints/``, ``encoder.safetensors`` + ``encoder.json``,
+``loss.png``, ``status.json`` (``finished`` or ``preempted``, with the step and signal).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtscale.config import PretrainConfig, save_config, to_dict
+from mtscale.dist import World, barrier, init_distributed, select_device, shutdown
+from mtscale.errors import ConfigError
+from mtscale.train import checkpoint as ckpt
+from mtscale.train.engine import DTYPES, batch_geometry, build_engine, deepspeed_config, resolve_precision
+from mtscale.train.loop import MetricsWriter, StopFlag, Throughput, plot_loss, run_steps, setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def run_pretrain(cfg: PretrainConfig, world: World | None = None) -> int:
+    """Run (or resume) the pre-training described by ``cfg``; returns the process exit code
+    (0 when finished, and 0 after a signal-triggered checkpoint, see ``status.json``)."""
+    stop = StopFlag()  # first, so a signal during start-up is not lost
+    world = world or World.from_env()
+    setup_logging(world)
+    if not cfg.data.store:
+        raise ConfigError("data.store: empty, expected the path or URL of a store (--set data.store=PATH)")
+    device = select_device(world, cfg.train.device)
+    backend = init_distributed(world, device)
+    try:
+        return _run(cfg, world, device, backend, stop)
+    finally:
+        stop.restore()
+        shutdown()
+
+
+def _run(cfg: PretrainConfig, world: World, device: torch.device, backend: str, stop: StopFlag) -> int:
+    from mtscale.data.loader import build_loader
+    from mtscale.data.store import Store
+    from mtscale.models.flops import peak_flops
+    from mtscale.models.objectives import build_pretrain_model
+
+    run_dir = Path(cfg.run.dir)
+    tr = cfg.train
+    geo = batch_geometry(tr, world.world_size)
+    precision = resolve_precision(tr.precision, device.type)
+    ds_config = deepspeed_config(tr, world_size=world.world_size, device_type=device.type)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        _write_json(run_dir / "ds_config.json", ds_config)
+    log.info("device %s, backend %s, precision %s, ZeRO %d, world %d, batch %d = %d x %d ranks x %d accum",
+             device, backend, precision, tr.zero_stage, world.world_size, geo.global_batch_size,
+             geo.micro_batch_size, world.world_size, geo.grad_accum_steps)
+
+    store = Store.open(cfg.data.store)
+    loader = build_loader(store, cfg.data, batch_size=geo.micro_batch_size, seed=tr.seed, rank=world.rank,
+                          world_size=world.world_size, train=True, device=device)
+    num_joints = store.layout.num_joints
+    torch.manual_seed(tr.seed)  # identical initial weights on every rank and every run
+    engine, model = build_engine(
+        lambda: build_pretrain_model(cfg.model, cfg.objective, clip_frames=cfg.data.clip_frames,
+                                     num_bodies=cfg.data.num_bodies, num_joints=num_joints),
+        tr, ds_config)
+    cfg_dict = to_dict(cfg)
+    layout = getattr(store.layout, "name", None)
+
+    client = ckpt.resume(engine, run_dir)
+    start_step = 0
+    if client is not None:
+        start_step = int(client["step"])
+        loader.load_state_dict(client["loader"])
+        ckpt.restore_rng(client["rng"])
+        log.info("resuming at step %d of %d", start_step, tr.max_steps)
+
+    def batches():
+        while True:
+            yield from loader
+
+    in_dtype = DTYPES[precision]
+
+    def step_fn(batch: dict[str, torch.Tensor], step: int):
+        x = batch["x"].to(device=device, dtype=in_dtype, non_blocking=True)
+        mask = batch["mask"].to(device, non_blocking=True)
+        keys = batch["index"].to(device, non_blocking=True)
+        loss, metrics = engine(x, mask, keys, step=step, seed=tr.seed)
+        return loss, {k: float(v) for k, v in metrics.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1}
+
+    def save(step: int) -> None:
+        client_state = {"step": step, "loader": loader.state_dict(), "rng": ckpt.capture_rng(), "config": cfg_dict,
+                        "world_size": world.world_size,
+                        "encoder_meta": ckpt.encoder_meta(cfg_dict, num_joints=num_joints, layout=layout, step=step)}
+        ckpt.save(engine, run_dir, step, client_state, tr.keep_checkpoints)
+
+    peak = peak_flops(device, in_dtype) if world.is_main else None
+    throughput = Throughput(flops_per_sample=float(model.flops_per_sample()),
+                            tokens_per_sample=int(model.tokens_per_sample()),
+                            peak_flops_total=(peak or 0.0) * world.world_size)
+    metrics = MetricsWriter(run_dir, enabled=world.is_main, tensorboard=cfg.run.tensorboard,
+                            resume_step=start_step if client is not None else None)
+    t0 = time.perf_counter()
+    try:
+        result = run_steps(
+            engine, batches(), step_fn, start_step=start_step, max_steps=tr.max_steps, accum=geo.grad_accum_steps,
+            global_batch=geo.global_batch_size, world=world, device=device, throughput=throughput,
+            metrics=metrics, log_every=tr.log_every, ckpt_every=tr.ckpt_every, save_ckpt=save,
+            progress=cfg.run.progress, stop=stop)
+    finally:
+        metrics.close()
+    status = {"state": "preempted" if result.stopped_by_signal else "finished", "step": result.step,
+              "signal": result.stopped_by_signal, "loss": result.last_loss,
+              "seconds": round(time.perf_counter() - t0, 3), "world_size": world.world_size}
+    if world.is_main:
+        if result.stopped_by_signal is None:
+            if cfg.run.export_encoder:
+                out = ckpt.export_encoder(run_dir, run_dir / "encoder.safetensors")
+                log.info("exported encoder to %s", out)
+            plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+        _write_json(run_dir / "status.json", status)
+    barrier()
+    log.info("%s at step %d (loss %.4f)", status["state"], result.step, result.last_loss)
+    return 0

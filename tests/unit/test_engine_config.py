@@ -1,0 +1,102 @@
+"""DeepSpeed config generation: every default the run depends on is written, precision and
+optimizer follow the device, batch geometry and the LR schedule are right."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mtscale.config import TrainConfig
+from mtscale.errors import ConfigError
+from mtscale.train.engine import BatchGeometry, batch_geometry, deepspeed_config, lr_lambda, resolve_precision
+
+REQUIRED = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+    "optimizer", "bf16", "fp16", "zero_optimization", "steps_per_print", "wall_clock_breakdown",
+    "prescale_gradients", "gradient_predivide_factor",
+}
+ZERO_KEYS = {
+    "stage", "allgather_partitions", "allgather_bucket_size", "reduce_scatter", "reduce_bucket_size", "overlap_comm",
+    "contiguous_gradients", "offload_optimizer", "offload_param", "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance", "sub_group_size",
+}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_every_key_written(stage: int, device: str) -> None:
+    ds = deepspeed_config(TrainConfig(zero_stage=stage, batch_size=32), world_size=4, device_type=device)
+    assert REQUIRED <= set(ds)
+    assert ZERO_KEYS <= set(ds["zero_optimization"])
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 1
+    assert "enabled" in ds["bf16"] and "enabled" in ds["fp16"] and "loss_scale" in ds["fp16"]
+    assert ds["optimizer"]["type"] == "AdamW"
+    assert set(ds["optimizer"]["params"]) >= {"lr", "betas", "eps", "weight_decay"}
+    assert ds["zero_optimization"]["overlap_comm"] is (device == "cuda")
+
+
+def test_gradient_clipping_explicit_even_when_off() -> None:
+    # DeepSpeed >= 0.19.3 defaults to 1.0 when the key is absent: 0 must be written as 0.
+    assert deepspeed_config(TrainConfig(grad_clip=0.0, batch_size=8), world_size=1, device_type="cpu")[
+        "gradient_clipping"] == 0.0
+    assert deepspeed_config(TrainConfig(grad_clip=0.5, batch_size=8), world_size=1, device_type="cpu")[
+        "gradient_clipping"] == 0.5
+
+
+def test_precision_per_device() -> None:
+    cpu = deepspeed_config(TrainConfig(batch_size=8), world_size=1, device_type="cpu")
+    gpu = deepspeed_config(TrainConfig(batch_size=8), world_size=1, device_type="cuda")
+    assert cpu["bf16"]["enabled"] is False and cpu["fp16"]["enabled"] is False  # fp32 on CPU, never bf16 by default
+    assert gpu["bf16"]["enabled"] is True and gpu["fp16"]["enabled"] is False
+    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("auto", "cuda") == "bf16"
+    assert resolve_precision("bf16", "cpu") == "bf16"  # allowed when asked (with a warning)
+    fp16 = deepspeed_config(TrainConfig(batch_size=8, precision="fp16"), world_size=1, device_type="cuda")
+    assert fp16["fp16"]["enabled"] is True and fp16["bf16"]["enabled"] is False
+
+
+def test_optimizer_per_device_and_offload() -> None:
+    cpu = deepspeed_config(TrainConfig(batch_size=8), world_size=1, device_type="cpu")["optimizer"]["params"]
+    gpu = deepspeed_config(TrainConfig(batch_size=8), world_size=1, device_type="cuda")["optimizer"]["params"]
+    assert cpu["torch_adam"] is True and cpu["fused"] is False  # no DeepSpeed op to JIT-build on CPU
+    assert gpu["torch_adam"] is True and gpu["fused"] is True
+    off = deepspeed_config(TrainConfig(batch_size=8, zero_stage=3, offload_optimizer=True, offload_params=True),
+                           world_size=2, device_type="cuda")
+    assert "torch_adam" not in off["optimizer"]["params"]  # DeepSpeedCPUAdam
+    assert off["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert off["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+    with pytest.raises(ConfigError, match="offload_params"):
+        TrainConfig(zero_stage=2, offload_params=True)
+
+
+def test_deepspeed_accepts_the_config() -> None:
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    for stage in (0, 3):
+        ds = deepspeed_config(TrainConfig(batch_size=8, zero_stage=stage, grad_clip=0.0), world_size=1,
+                              device_type="cpu")
+        parsed = DeepSpeedConfig(ds)
+        assert parsed.gradient_clipping == 0.0
+        assert parsed.zero_optimization_stage == stage
+        assert parsed.train_batch_size == 8 and parsed.gradient_accumulation_steps == 1
+
+
+def test_batch_geometry() -> None:
+    assert batch_geometry(TrainConfig(batch_size=64), 4) == BatchGeometry(16, 1, 64)
+    assert batch_geometry(TrainConfig(batch_size=64, micro_batch_size=8), 2) == BatchGeometry(8, 4, 64)
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        batch_geometry(TrainConfig(batch_size=10), 4)
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        batch_geometry(TrainConfig(batch_size=64, micro_batch_size=5), 2)
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    tc = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=14)
+    f = lr_lambda(tc)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0)
+    assert f(9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(4, 20))
