@@ -1,7 +1,9 @@
 """Loader throughput: mtscale's streaming loader vs today's feeders vs an in-memory gather.
 
 Measures, on the same synthetic store, the same T and batch size, in one run (single
-process, one torch thread each, so samples/s is per CPU core):
+process, one torch thread, blosc without threads): samples per **CPU-second** of the process
+(``time.process_time``: the per-core rate, robust on a shared machine where wall time mostly
+measures the other jobs), and samples per wall-second beside it (``*_wall_samples_per_s``):
 
 1. ``mtscale``: ``build_loader`` (train mode: random crop + linear resample, shuffle buffer)
    plus its batched augmentations on the CPU; run in a fresh child process so its peak RSS
@@ -15,7 +17,11 @@ process, one torch thread each, so samples/s is per CPU core):
 3. ``upper_bound``: gather random batches of pre-cropped (N, T, M, V, C) clips in memory.
 
     python benchmarks/bench_loader.py --quick                 # < 1 min, small store
-    python benchmarks/bench_loader.py --json out.json         # 100k samples (~4 GB store)
+    python benchmarks/bench_loader.py --json out.json         # 100k samples (~2.7 GB store)
+    python benchmarks/bench_loader.py --store S --compare-zarr  # also (1) reading through zarr
+
+Any existing store can be given with ``--store`` (any blosc codec; ``store_compressor`` in
+the output says which); a missing one is written there with the writer's default codec.
 """
 
 from __future__ import annotations
@@ -69,24 +75,36 @@ def dir_mb(path: str) -> float:
 # ------------------------------------------------------------------ (1) mtscale
 
 
-def run_mtscale(store: str, batch: int, clip: int, max_samples: int, shuffle_buffer: int) -> dict:
-    """Child process body: iterate the loader, augment on CPU, report rate and peak RSS."""
+def single_core() -> None:
+    torch.set_num_threads(1)
+    try:
+        import numcodecs.blosc
+
+        numcodecs.blosc.use_threads = False
+    except ImportError:
+        pass
+
+
+def run_mtscale(store: str, batch: int, clip: int, max_samples: int, shuffle_buffer: int,
+                zarr_reads: bool = False) -> dict:
+    """Child process body: iterate the loader, augment on CPU, report rates and peak RSS."""
     from mtscale.config import AugmentConfig, DataConfig
     from mtscale.data.loader import build_loader
 
-    torch.set_num_threads(1)
+    single_core()
     cfg = DataConfig(store=store, clip_frames=clip, num_workers=0, shuffle_buffer=shuffle_buffer,
                      augment=AugmentConfig(**AUG))
     loader = build_loader(store, cfg, batch_size=batch, seed=0, train=True)
-    n, t0 = 0, None
+    loader.dataset.store.direct_reads = not zarr_reads
+    n, t0, c0 = 0, None, None
     for i, b in enumerate(loader):
-        if i == 2:  # after the first window is read and warm-up
-            t0, n = time.perf_counter(), 0
+        if i == 2:  # after warm-up; later windows are read inside the timed part
+            t0, c0, n = time.perf_counter(), time.process_time(), 0
         n += b["x"].shape[0]
         if t0 is not None and n >= max_samples:
             break
-    dt = time.perf_counter() - t0
-    return {"samples_per_s": n / dt, "samples": n,
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    return {"samples_per_s": n / dc, "wall_samples_per_s": n / dt, "samples": n,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -170,35 +188,37 @@ def padded_array(store, n: int) -> tuple[np.ndarray, np.ndarray]:
     return out, store.labels[:n].copy()
 
 
-def run_baseline(x: np.ndarray, labels: np.ndarray, batch: int, clip: int, max_samples: int) -> float:
-    torch.set_num_threads(1)
+def run_baseline(x: np.ndarray, labels: np.ndarray, batch: int, clip: int, max_samples: int) -> tuple[float, float]:
+    """(samples per CPU-second, samples per wall-second) of the MAMP feeder."""
+    single_core()
     np.random.seed(0)
     torch.manual_seed(0)
     loader = torch.utils.data.DataLoader(MampFeeder(x, labels, clip), batch_size=batch, shuffle=True,
                                          num_workers=0, drop_last=True)
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
     while n < max_samples:
         for data, _label, _index in loader:
             n += data.shape[0]
             if n >= max_samples:
                 break
-    return n / (time.perf_counter() - t0)
+    return n / (time.process_time() - c0), n / (time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------ (3) upper bound
 
 
-def run_upper_bound(x: np.ndarray, batch: int, clip: int, max_samples: int) -> float:
-    torch.set_num_threads(1)
+def run_upper_bound(x: np.ndarray, batch: int, clip: int, max_samples: int) -> tuple[float, float]:
+    """(samples per CPU-second, samples per wall-second) of a pre-cropped in-memory gather."""
+    single_core()
     n = x.shape[0]
     clips = torch.from_numpy(np.ascontiguousarray(x[:, :clip].reshape(n, clip, 2, 25, 3)))
     g = torch.Generator().manual_seed(0)
-    done, t0 = 0, time.perf_counter()
+    done, t0, c0 = 0, time.perf_counter(), time.process_time()
     while done < max_samples:
         idx = torch.randint(0, n, (batch,), generator=g)
         b = clips.index_select(0, idx)  # (N, T, M, V, C)
         done += b.shape[0]
-    return done / (time.perf_counter() - t0)
+    return done / (time.process_time() - c0), done / (time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------ driver
@@ -212,15 +232,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=None, help="store size (default 100000; quick 3000)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--clip-frames", type=int, default=120)
-    p.add_argument("--shuffle-buffer", type=int, default=4096)
+    p.add_argument("--shuffle-buffer", type=int, default=None, help="default 4096 (quick: 512, so windows are read while timed)")
     p.add_argument("--baseline-samples", type=int, default=None)
+    p.add_argument("--compare-zarr", action="store_true", help="also time (1) reading through zarr instead of the direct chunk reader")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--zarr-reads", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     num = a.num_samples or (3000 if a.quick else 100_000)
+    if a.shuffle_buffer is None:
+        a.shuffle_buffer = 512 if a.quick else 4096
     measure = 3000 if a.quick else 60_000
 
     if a.child:  # (1) in a fresh process
-        print(json.dumps(run_mtscale(a.child, a.batch_size, a.clip_frames, int(a.num_samples), a.shuffle_buffer)))
+        print(json.dumps(run_mtscale(a.child, a.batch_size, a.clip_frames, int(a.num_samples), a.shuffle_buffer,
+                                     zarr_reads=a.zarr_reads)))
         return 0
 
     tmp = None
@@ -235,24 +260,36 @@ def main(argv: list[str] | None = None) -> int:
         make_store(store_path, num, seed=0, min_len=32, max_len=300)
     write_s = time.perf_counter() - t
     store = Store.open(store_path)
-    try:
-        child = subprocess.run(
+    def child(zarr_reads: bool) -> dict:
+        out = subprocess.run(
             [sys.executable, __file__, "--child", store_path, "--num-samples", str(min(measure, store.num_samples // 2)),
              "--batch-size", str(a.batch_size), "--clip-frames", str(a.clip_frames),
-             "--shuffle-buffer", str(a.shuffle_buffer)],
+             "--shuffle-buffer", str(a.shuffle_buffer)] + (["--zarr-reads"] if zarr_reads else []),
             check=True, capture_output=True, text=True,
         )
-        ours = json.loads(child.stdout.strip().splitlines()[-1])
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    try:
+        ours = child(zarr_reads=False)
         k = min(store.num_samples, a.baseline_samples or (1024 if a.quick else 4096))
         x, labels = padded_array(store, k)
-        base = run_baseline(x, labels, a.batch_size, a.clip_frames, 1024 if a.quick else 8192)
-        upper = run_upper_bound(x, a.batch_size, a.clip_frames, 20_000 if a.quick else 200_000)
+        base, base_wall = run_baseline(x, labels, a.batch_size, a.clip_frames, 1024 if a.quick else 8192)
+        upper, upper_wall = run_upper_bound(x, a.batch_size, a.clip_frames, 20_000 if a.quick else 200_000)
+        via_zarr = child(zarr_reads=True) if a.compare_zarr else None
         res = {
             "mtscale_samples_per_s_per_core": round(ours["samples_per_s"], 1),
             "baseline_samples_per_s_per_core": round(base, 1),
             "upper_bound_samples_per_s_per_core": round(upper, 1),
             "speedup_vs_baseline": round(ours["samples_per_s"] / base, 2),
             "fraction_of_upper_bound": round(ours["samples_per_s"] / upper, 3),
+            "mtscale_wall_samples_per_s": round(ours["wall_samples_per_s"], 1),
+            "baseline_wall_samples_per_s": round(base_wall, 1),
+            "upper_bound_wall_samples_per_s": round(upper_wall, 1),
+            "wall_speedup_vs_baseline": round(ours["wall_samples_per_s"] / base_wall, 2),
+            "wall_fraction_of_upper_bound": round(ours["wall_samples_per_s"] / upper_wall, 3),
+            "mtscale_via_zarr_samples_per_s_per_core": round(via_zarr["samples_per_s"], 1) if via_zarr else None,
+            "store_compressor": store.attrs.get("compressor"),
+            "load_average_1m": round(os.getloadavg()[0], 1),
             "peak_rss_mb": round(ours["peak_rss_mb"], 1),
             "store_mb": round(dir_mb(store_path), 1),
             "store_samples": store.num_samples,

@@ -86,13 +86,15 @@ def gather_clips(
     tail = arena_FMVC.shape[1:]
     flat = torch.from_numpy(arena_FMVC.reshape(f, -1))  # (F, M*V*C), no copy
     b = np.asarray(base, dtype=np.int64)[:, None]
-    g0 = flat.index_select(0, torch.from_numpy((b + i0).reshape(-1)))  # (N*T, MVC)
     need1 = bool((w > 0).any())
-    x = g0.to(torch.float32) if g0.dtype != torch.float32 else g0
-    if need1:
-        g1 = flat.index_select(0, torch.from_numpy((b + i1).reshape(-1)))
-        g1 = g1.to(torch.float32) if g1.dtype != torch.float32 else g1
-        x = torch.lerp(x, g1, torch.from_numpy(w.reshape(-1, 1)))
+    # one gather of both interpolation ends, then one cast to float32 (the hot path)
+    idx = np.concatenate([(b + i0).reshape(-1), (b + i1).reshape(-1)]) if need1 else (b + i0).reshape(-1)
+    g = flat.index_select(0, torch.from_numpy(idx))  # (2 * N*T, MVC) raw dtype
+    g = g.to(torch.float32) if g.dtype != torch.float32 else g
+    if need1:  # a fresh output, so the batch does not keep the doubled gather alive
+        x = torch.lerp(g[: n * t], g[n * t :], torch.from_numpy(w.reshape(-1, 1)))  # (N*T, MVC)
+    else:
+        x = g
     if not mask.all():
         x.mul_(torch.from_numpy(mask.reshape(-1, 1)))
     x = x.view(n, t, *tail)

@@ -23,16 +23,24 @@ the number of workers. ``state_dict`` records the samples the consumer has recei
 ``load_state_dict`` iteration yields exactly the rest of that epoch, for any worker count.
 
 Reading: a worker builds, per shuffle window, one arena of the window's frames with one
-``read_frames`` per block (a run of whole store chunks), then cuts clips from it with
-vectorised index arithmetic (``mtscale.data.clips``). Clips: training takes a random crop of
+``read_frames`` per run of store-contiguous samples within a block (blocks: ~16k frames, a
+multiple of the store chunk, see ``default_block_frames``), decoded straight into the arena
+by the store's direct chunk reader; then cuts clips from it with vectorised index arithmetic
+(``mtscale.data.clips``: one gather of both interpolation ends per batch, one float16 ->
+float32 cast, one lerp). With ``W > 1`` workers a worker reads only the samples of its own
+batches (every W-th batch), so its arena is ~1/W of the window; but the store decodes whole
+inner chunks (4096 frames, ~25 samples), which nearly always hold a sample of every worker:
+decode work still grows ~W x with W workers (gather, cast and augmentation do not). One or
+two workers per GPU are enough at these rates. Clips: training takes a random crop of
 ``[crop_min, crop_max]`` of the valid frames, evaluation the centre ``eval_crop``; both are
 linearly resampled to ``T = clip_frames`` (mask all True), or with ``short_clips="pad"``
 shorter crops are zero-padded (mask False on padding). Bodies: the first ``num_bodies`` of
 the store's M (zero bodies are added if the store has fewer).
 
 Workers are started with ``forkserver`` (else ``spawn``) and each opens the store lazily,
-which is safe with zarr / fsspec (no forked file handles or event loops). Memory cost: each
-worker holds up to two windows of raw frames (``shuffle_buffer`` samples each).
+which is safe with zarr / fsspec (no forked file handles or event loops); blosc runs
+single-threaded in workers. Memory cost: each worker holds up to two windows of raw frames
+(``shuffle_buffer`` samples each, ~1/W of that with W workers) plus a reused arena buffer.
 """
 
 from __future__ import annotations
@@ -70,6 +78,16 @@ class Selection:
         return int(self.rows.size)
 
 
+BLOCK_FRAMES = 16384
+"""Default read block: the multiple of the store's chunk of at least this many frames. A
+block's last sample runs into the next chunk, decoded for a few frames: (k + 1) / k chunk
+decodes per block of k chunks; ~100 samples per block keeps the block shuffle fine-grained."""
+
+
+def default_block_frames(chunk_frames: int) -> int:
+    return chunk_frames * max(1, -(-BLOCK_FRAMES // chunk_frames))
+
+
 def select_samples(store: Any, cfg: DataConfig, block_frames: int | None = None) -> Selection:
     """Rows of ``store`` chosen by ``cfg`` (split / part / where, then label fraction)."""
     rows = np.asarray(store.select(split=cfg.split, part=cfg.part if cfg.split else None, where=cfg.where), dtype=np.int64)
@@ -83,7 +101,7 @@ def select_samples(store: Any, cfg: DataConfig, block_frames: int | None = None)
     offsets = np.asarray(store.offsets, dtype=np.int64)[rows]
     order = np.argsort(offsets, kind="stable")
     rows, offsets = rows[order], offsets[order]
-    bf = int(block_frames or store.chunk_frames)
+    bf = int(block_frames or default_block_frames(int(store.chunk_frames)))
     return Selection(
         rows=rows,
         offsets=offsets,
@@ -157,6 +175,7 @@ class ClipDataset(IterableDataset):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_store"] = None  # each worker opens the store lazily
+        state.pop("_spare", None)
         return state
 
     @property
@@ -167,36 +186,66 @@ class ClipDataset(IterableDataset):
             self._store = Store.open(self.url)
         return self._store
 
-    def _window_arena(self, order: RankOrder, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Frames of window ``k`` (F, M, V, C) in raw dtype and each window sample's start."""
+    def _window_arena(self, order: RankOrder, k: int, need: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Frames of window ``k`` (F, M, V, C) in raw dtype and each window sample's start.
+        ``need`` (n_rank,) bool: only those samples are read (a worker's own batches).
+
+        One ``read_frames`` per run of consecutive samples in one block, decoded straight
+        into the arena where the store's bodies are the ones kept; the arena buffer of a
+        finished window is reused (no fresh pages to fault in per window)."""
         sel, m_out = self.sel, self.cfg.num_bodies
-        u = order.unshuffled[k * order.window : (k + 1) * order.window]  # selected-sample ids
+        store = self.store
+        lo_w = k * order.window
+        u_all = order.unshuffled[lo_w : lo_w + order.window]  # selected-sample ids
+        keep = np.arange(u_all.size) if need is None else np.flatnonzero(need[lo_w : lo_w + u_all.size])
+        u = u_all[keep]
         lens = sel.lengths[u]
-        starts = np.cumsum(lens) - lens
+        starts = np.zeros(u_all.size, dtype=np.int64)  # arena start per window position
+        starts[keep] = np.cumsum(lens) - lens
+        total = int(lens.sum())
+        if u.size == 0:
+            return np.empty((0, m_out) + tuple(self.store.frames.shape[2:]), dtype=self.store.frames.dtype), starts
         block_of = np.searchsorted(sel.bounds, u, side="right") - 1
-        cut = np.flatnonzero((np.diff(block_of) != 0) | (np.diff(u) != 1)) + 1
-        runs = np.split(np.arange(u.size), cut)
-        arena = None
-        for run in runs:
-            ids = u[run]
-            lo = int(sel.offsets[ids[0]])
-            hi = int(sel.offsets[ids[-1]] + sel.lengths[ids[-1]])
-            frames = self.store.read_frames(lo, hi)  # (hi - lo, M_store, V, C)
-            if arena is None:
-                v, c = frames.shape[2:]
-                alloc = np.empty if frames.shape[1] >= m_out else np.zeros
-                arena = alloc((int(lens.sum()), m_out, v, c), dtype=frames.dtype)
-            m = min(m_out, frames.shape[1])
-            a0, a1 = int(starts[run[0]]), int(starts[run[-1]] + lens[run[-1]])
-            if hi - lo == a1 - a0:  # the run's samples are contiguous in the store
-                arena[a0:a1, :m] = frames[:, :m]
+        ends = sel.offsets[u] + lens
+        gap = sel.offsets[u[1:]] != ends[:-1]  # not contiguous frames in the store
+        cut = np.flatnonzero((np.diff(block_of) != 0) | gap) + 1
+        run_lo = np.concatenate([[0], cut])
+        run_hi = np.concatenate([cut, [u.size]])
+        m_store = self.store_bodies
+        v, c = store.frames.shape[2:]
+        dtype = np.dtype(store.frames.dtype)
+        arena = self._take_buffer(total, (m_out, v, c), dtype, zero=m_store < m_out)
+        direct = m_store == m_out
+        for r0, r1 in zip(run_lo.tolist(), run_hi.tolist()):
+            first, last = int(u[r0]), int(u[r1 - 1])
+            lo, hi = int(sel.offsets[first]), int(sel.offsets[last] + sel.lengths[last])
+            a0 = int(starts[keep[r0]])
+            a1 = a0 + (hi - lo)
+            if direct:  # consecutive samples of the store are contiguous frames
+                store.read_frames(lo, hi, out=arena[a0:a1])
             else:
-                rl = sel.lengths[ids]
-                local = np.arange(a1 - a0) - np.repeat(np.cumsum(rl) - rl, rl) + np.repeat(sel.offsets[ids] - lo, rl)
-                arena[a0:a1, :m] = frames[local, :m]
+                m = min(m_out, m_store)
+                arena[a0:a1, :m] = store.read_frames(lo, hi)[:, :m]
         return arena, starts
 
-    def make_batch(self, order: RankOrder, positions: np.ndarray, arenas: dict) -> dict[str, torch.Tensor]:
+    def _take_buffer(self, frames: int, tail: tuple[int, ...], dtype: np.dtype, zero: bool) -> np.ndarray:
+        spare = self.__dict__.pop("_spare", None)
+        if spare is None or spare.dtype != dtype or spare.shape[1:] != tail or spare.shape[0] < frames:
+            spare = np.empty((int(frames * 1.1) + 1, *tail), dtype=dtype)
+        arena = spare[:frames]
+        if zero:
+            arena[...] = 0
+        return arena
+
+    def _release(self, arena: np.ndarray) -> None:
+        base = arena.base if arena.base is not None else arena
+        if isinstance(base, np.ndarray) and base.ndim == arena.ndim:
+            spare = self.__dict__.get("_spare")
+            if spare is None or base.shape[0] > spare.shape[0]:
+                self._spare = base
+
+    def make_batch(self, order: RankOrder, positions: np.ndarray, arenas: dict,
+                   need: np.ndarray | None = None) -> dict[str, torch.Tensor]:
         """Collate the samples at ``positions`` of the rank's sequence (window arenas cached
         in ``arenas``: the current window, and the next one while a batch straddles both)."""
         cfg, sel = self.cfg, self.sel
@@ -214,10 +263,10 @@ class ClipDataset(IterableDataset):
         x = None
         for k in list(arenas):  # windows behind this batch are never needed again
             if k < win.min():
-                del arenas[k]
+                self._release(arenas.pop(k)[0])
         for k in np.unique(win):
             if k not in arenas:
-                arenas[k] = self._window_arena(order, int(k))
+                arenas[k] = self._window_arena(order, int(k), need)
             arena, starts = arenas[k]
             sub = win == k
             base = starts[local[sub] - k * order.window] + start[sub]
@@ -239,9 +288,26 @@ class ClipDataset(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         order = self.order(self.epoch)
         remaining = len(order) - self.consumed
+        if info is not None:  # blosc threads in every worker would oversubscribe the cores
+            _blosc_single_thread()
         arenas: dict = {}
-        for a, b in worker_batches(remaining, self.batch_size, self.drop_last, worker, num_workers):
-            yield self.make_batch(order, np.arange(self.consumed + a, self.consumed + b), arenas)
+        batches = worker_batches(remaining, self.batch_size, self.drop_last, worker, num_workers)
+        need = None
+        if num_workers > 1 and batches:  # read only the samples of this worker's batches
+            pos = np.concatenate([np.arange(self.consumed + a, self.consumed + b) for a, b in batches])
+            need = np.zeros(len(order), dtype=bool)
+            need[order.perm[pos]] = True
+        for a, b in batches:
+            yield self.make_batch(order, np.arange(self.consumed + a, self.consumed + b), arenas, need)
+
+
+def _blosc_single_thread() -> None:
+    try:
+        import numcodecs.blosc
+
+        numcodecs.blosc.use_threads = False
+    except ImportError:
+        pass
 
 
 def default_mp_context() -> str:

@@ -186,7 +186,26 @@ def test_memory_store_with_workers_is_refused(mem_store):
 def test_reads_whole_blocks_not_samples(mem_store, monkeypatch):
     calls = []
     orig = type(mem_store).read_frames
-    monkeypatch.setattr(type(mem_store), "read_frames", lambda self, a, b: calls.append((a, b)) or orig(self, a, b))
+    monkeypatch.setattr(type(mem_store), "read_frames", lambda self, a, b, out=None: calls.append((a, b)) or orig(self, a, b, out))
     idx, _ = _epoch(build_loader(mem_store, _cfg(shuffle_buffer=1000), batch_size=50, seed=0))
     assert len(idx) == 300
     assert len(calls) <= mem_store.num_frames // 512 + 2  # about one read per chunk, not 300
+
+
+def test_worker_reads_only_its_own_samples_with_identical_batches(mem_store):
+    from mtscale.data.loader import ClipDataset
+    from mtscale.data.order import worker_batches
+
+    ds = ClipDataset(mem_store, _cfg(shuffle_buffer=120), batch_size=16, seed=3, train=True)
+    order = ds.order(0)
+    mine = worker_batches(len(order), 16, True, worker=1, num_workers=3)
+    pos = np.concatenate([np.arange(a, b) for a, b in mine])
+    need = np.zeros(len(order), dtype=bool)
+    need[order.perm[pos]] = True
+    arena_full, _ = ds._window_arena(order, 0)
+    arena_mine, _ = ds._window_arena(order, 0, need)
+    assert 0 < len(arena_mine) < len(arena_full) * 0.6  # about a third of the window's frames
+    for a, b in mine:
+        ref = ds.make_batch(order, np.arange(a, b), {})
+        got = ds.make_batch(order, np.arange(a, b), {}, need)
+        assert torch.equal(ref["index"], got["index"]) and torch.equal(ref["x"], got["x"])

@@ -288,3 +288,77 @@ def test_store_pickles_by_url(tmp_path: Path):
     s = write_store(tmp_path / "st", make_samples(4), layout="ntu25", num_bodies=M)
     s2 = pickle.loads(pickle.dumps(s))
     np.testing.assert_array_equal(s2.read_sample(2), s.read_sample(2))
+
+
+# ---------------------------------------------------------------- direct chunk reads
+
+
+def _ranges(n: int, rng: np.random.Generator, k: int = 40) -> list[tuple[int, int]]:
+    out = [(0, n), (0, 1), (n - 1, n), (31, 33), (127, 129), (96, 300), (0, 0), (n - 5, n + 10)]
+    for _ in range(k):
+        a = int(rng.integers(0, n))
+        out.append((a, a + int(rng.integers(1, 400))))
+    return out
+
+
+def _assert_same_as_zarr(s: Store, rng: np.random.Generator) -> None:
+    assert s.direct_reader is not None
+    for a, b in _ranges(s.num_frames, rng):
+        got = s.read_frames(a, b)
+        want = s.frames[a:b]  # zarr's own read
+        assert got.dtype == want.dtype and got.shape == want.shape, (a, b)
+        assert got.tobytes() == want.tobytes(), (a, b)  # byte-identical
+        out = np.full(want.shape, 7, dtype=want.dtype)
+        assert s.read_frames(a, b, out=out) is out and out.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_direct_reads_are_byte_identical_to_zarr(tmp_path: Path, dtype: str):
+    samples = make_samples(40, seed=3)
+    # an all-zero run of > 1 chunk: zarr does not store all-fill chunks (read as fill value)
+    samples[10] = (samples[10][0], np.zeros((100, M, V, C), np.float32), 0, samples[10][3])
+    s = write_store(tmp_path / "st", samples, layout="ntu25", num_bodies=M, dtype=dtype, **SMALL)
+    r = s.direct_reader
+    assert r.cname == "lz4" and r.index_crc and r.chunk_rows == 32 and r.chunks_per_shard == 4
+    idx = r.shard_index(0)
+    assert idx.shape == (4, 2) and idx.dtype == np.dtype("<u8")
+    _assert_same_as_zarr(s, np.random.default_rng(0))
+    s.direct_reads = False
+    np.testing.assert_array_equal(s.read_frames(5, 77), Store.open(s.url).read_frames(5, 77))
+
+
+def test_direct_reads_memory_url_and_old_zstd_codec(monkeypatch):
+    from zarr.codecs import BloscCodec
+
+    import mtscale.data.store_writer as sw
+
+    monkeypatch.setattr(sw, "_codec", lambda: BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"))
+    s = write_store("memory://mtscale-tests/direct-zstd", make_samples(30, seed=5), layout="ntu25",
+                    num_bodies=M, **SMALL)
+    assert s.direct_reader.cname == "zstd"
+    _assert_same_as_zarr(s, np.random.default_rng(1))
+
+
+def test_unsupported_codec_chain_falls_back_to_zarr(tmp_path: Path, monkeypatch):
+    from zarr.codecs import ZstdCodec
+
+    import mtscale.data.store_writer as sw
+
+    monkeypatch.setattr(sw, "_codec", lambda: ZstdCodec(level=1))
+    samples = make_samples(20, seed=6)
+    s = write_store(tmp_path / "st", samples, layout="ntu25", num_bodies=M, **SMALL)
+    assert s.direct_reader is None  # not a chain the direct reader implements
+    o = int(s.offsets[4])
+    np.testing.assert_array_equal(s.read_frames(o, o + 3), samples[4][1][:3].astype(np.float16))
+
+
+def test_direct_read_of_damaged_shard_index_is_a_store_error(tmp_path: Path):
+    s = write_store(tmp_path / "st", make_samples(30, seed=7), layout="ntu25", num_bodies=M, **SMALL)
+    shard = tmp_path / "st" / "frames" / "c" / "1" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # inside the index, before its crc32c
+    shard.write_bytes(bytes(data))
+    s = Store.open(str(tmp_path / "st"))
+    s.read_frames(0, 100)  # shard 0 is intact
+    with pytest.raises(StoreError, match="checksum"):
+        s.read_frames(130, 140)
