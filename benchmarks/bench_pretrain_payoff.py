@@ -1,0 +1,167 @@
+"""Does self-supervised pre-training pay off? Side by side, in one run, on synthetic NTU-format
+data split by performer (``split_xsub60``: no test performer is seen in training):
+
+1. pre-train an encoder (``mtscale pretrain``, masked motion, no labels) on the training part;
+2. linear probe on the pre-trained encoder's frozen features  vs  on a random-init encoder
+   of the same architecture (target: >= 20 points better);
+3. with 10 % of the training labels (class-stratified), fine-tune from the pre-trained
+   weights  vs  train from scratch with the same schedule (target: >= 5 points better).
+
+Every accuracy is the test part at the last epoch (model selection never sees it).
+
+    python benchmarks/bench_pretrain_payoff.py --quick --json /tmp/payoff.json
+    python benchmarks/bench_pretrain_payoff.py --workdir /tmp/payoff           # full run
+
+Writes a flat JSON object (``--json``) and prints a markdown row for benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SETTINGS = {
+    # samples, classes, pre-training steps (batch 32), linear-probe epochs, semi epochs
+    "quick": dict(num_samples=600, num_classes=8, pretrain_steps=150, linear_epochs=30, semi_epochs=15),
+    "full": dict(num_samples=3000, num_classes=12, pretrain_steps=1500, linear_epochs=50, semi_epochs=40),
+}
+MODEL = ["model.size=tiny", "model.dim=96", "model.depth=3", "model.heads=4", "model.tokenization=patch",
+         "model.patch_frames=4"]
+DATA = ["data.clip_frames=32", "data.num_bodies=2", "data.split=xsub60", "data.part=train", "data.num_workers=0",
+        "data.crop_min=0.5", "data.crop_max=1.0", "data.augment.rotate_deg=15", "data.augment.scale=0.1"]
+
+
+def sh(args: list[str], log: Path) -> float:
+    """Run a command (logged to ``log``); returns its wall time. Fails loudly."""
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        r = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if r.returncode != 0:
+        sys.exit(f"bench_pretrain_payoff: {' '.join(args[:4])} ... failed (exit {r.returncode}); see {log}")
+    return time.perf_counter() - t0
+
+
+def finetune(name: str, work: Path, store: str, sets: list[str]) -> dict:
+    from mtscale.config import FinetuneConfig, load_config
+    from mtscale.train.finetune_loop import run_finetune
+
+    cfg = load_config(FinetuneConfig, ROOT / "configs" / "finetune" / "tiny_cpu.yaml",
+                      [f"data.store={store}", f"run.dir={work / name}", "run.progress=false",
+                       "run.tensorboard=false", "keep_best=false", *DATA, *MODEL, *sets])
+    t0 = time.perf_counter()
+    res = run_finetune(cfg)
+    res["wall_s"] = time.perf_counter() - t0
+    print(f"  {name:<18} test top-1 {res['test_top1']:6.2f}%  ({res['wall_s']:.0f} s, {res['train']} train samples)",
+          flush=True)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small data and schedules (a few CPU minutes)")
+    ap.add_argument("--workdir", default=None, help="where data and runs go (default: a temp dir)")
+    ap.add_argument("--json", default=None, help="write the results as a flat JSON object")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    s = SETTINGS["quick" if a.quick else "full"]
+    import tempfile
+
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="mtscale-payoff-"))
+    work.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    t_all, c_all = time.perf_counter(), time.process_time()
+
+    store = str(work / "store")
+    if not (work / "store" / "manifest.parquet").exists():
+        sh([py, "-m", "mtscale.cli", "synth", "--out", str(work / "raw"), "--num-samples", str(s["num_samples"]),
+            "--num-classes", str(s["num_classes"]), "--seed", str(a.seed), "--quiet"], work / "synth.log")
+        sh([py, "-m", "mtscale.cli", "prepare", "--format", "ntu", "--input", str(work / "raw"), "--out", store,
+            "--quiet"], work / "prepare.log")
+
+    pre = work / "pretrain"
+    t_pre = 0.0
+    if not (pre / "encoder.safetensors").exists():
+        sets = [f"data.store={store}", f"run.dir={pre}", f"train.max_steps={s['pretrain_steps']}",
+                "train.batch_size=32", "train.lr=1.5e-3", "train.warmup_steps=10", "train.ckpt_every=100000",
+                "train.log_every=25", "run.progress=false", "run.tensorboard=false", f"train.seed={a.seed}",
+                "objective.kind=masked_motion", "objective.mask_ratio=0.9", "objective.masking=motion_aware",
+                "objective.decoder_dim=64", "objective.decoder_depth=1", "objective.decoder_heads=4", *DATA, *MODEL]
+        cmd = [py, "-m", "mtscale.pretrain", "--config", str(ROOT / "configs" / "pretrain" / "tiny_cpu.yaml")]
+        t_pre = sh(cmd + [x for kv in sets for x in ("--set", kv)], work / "pretrain.log")
+    print(f"  pre-training: {t_pre:.0f} s", flush=True)
+    enc = str(pre / "encoder.safetensors")
+    seed = [f"train.seed={a.seed}"]
+    lin = ["protocol=linear", f"epochs={s['linear_epochs']}", "warmup_epochs=1", "train.lr=0.01",
+           "train.weight_decay=0.0", "train.batch_size=32", *seed]
+    # the random-init probe: the same linear-probe code path on a scratch encoder, frozen
+    rnd = _random_encoder(work, pre)
+    r_lin_pre = finetune("linear_pretrained", work, store, lin + [f"pretrained={enc}"])
+    r_lin_rnd = finetune("linear_random", work, store, lin + [f"pretrained={rnd}"])
+    semi = [f"epochs={s['semi_epochs']}", "warmup_epochs=1", "data.label_fraction=0.1", "train.batch_size=8",
+            "val_fraction=0.1", *seed]
+    r_ft = finetune("semi10_pretrained", work, store, semi + ["protocol=semi", f"pretrained={enc}",
+                                                               "layer_decay=0.75", "train.lr=1.0e-3"])
+    r_scr = finetune("semi10_scratch", work, store, semi + ["protocol=scratch", "layer_decay=1.0", "train.lr=1.0e-3"])
+
+    out = {
+        "linear_pretrained_top1": r_lin_pre["test_top1"], "linear_random_top1": r_lin_rnd["test_top1"],
+        "linear_gain_points": r_lin_pre["test_top1"] - r_lin_rnd["test_top1"],
+        "semi10_finetune_top1": r_ft["test_top1"], "semi10_scratch_top1": r_scr["test_top1"],
+        "semi10_gain_points": r_ft["test_top1"] - r_scr["test_top1"],
+        "chance_top1": 100.0 / s["num_classes"], "num_test": r_ft["test"], "num_train_semi10": r_ft["train"],
+        "pretrain_wall_s": t_pre, "wall_s": time.perf_counter() - t_all, "cpu_s_this_process": time.process_time() - c_all,
+        "quick": bool(a.quick), **{f"setting_{k}": v for k, v in s.items()},
+        "hardware": _hardware(), "torch": _torch_version(), "workdir": str(work),
+    }
+    out["linear_target_met"] = out["linear_gain_points"] >= 20.0
+    out["semi10_target_met"] = out["semi10_gain_points"] >= 5.0
+    row = (f"| {'quick' if a.quick else 'full'} | {s['num_samples']} / {s['num_classes']} | "
+           f"{out['linear_pretrained_top1']:.1f} vs {out['linear_random_top1']:.1f} (**{out['linear_gain_points']:+.1f}**) | "
+           f"{out['semi10_finetune_top1']:.1f} vs {out['semi10_scratch_top1']:.1f} (**{out['semi10_gain_points']:+.1f}**) | "
+           f"{out['wall_s'] / 60:.1f} min | {out['hardware']} |")
+    out["markdown_row"] = row
+    print(row)
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def _random_encoder(work: Path, pre: Path) -> str:
+    """A randomly initialised encoder of the pre-trained one's architecture, in the export format."""
+    import torch
+
+    from mtscale.config import ModelConfig, from_dict
+    from mtscale.models.encoder import MotionTransformer
+    from mtscale.train.checkpoint import save_encoder
+
+    meta = json.loads((pre / "encoder.json").read_text())
+    torch.manual_seed(12345)
+    enc = MotionTransformer.from_config(from_dict(ModelConfig, meta["model"], "model"), clip_frames=meta["clip_frames"],
+                                        num_bodies=meta["num_bodies"], num_joints=meta["num_joints"])
+    out = work / "random_encoder.safetensors"
+    save_encoder(enc.state_dict(), dict(meta, step=0, note="random init"), out)
+    return str(out)
+
+
+def _hardware() -> str:
+    from mtscale.train.metrics import hardware_summary
+
+    return hardware_summary()
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""The fine-tuned classifier as a file: build it (from scratch or a pre-trained encoder,
+keys checked exactly), save it, load it back for evaluate / predict.
+
+A classifier checkpoint is a folder::
+
+    model.safetensors   fp32 state dict of ``ClassifierHead`` (``encoder.*``, ``fc_norm.*``, ``head.*``)
+    meta.json           everything evaluate / predict need: model section, clip geometry
+                        (clip_frames, num_bodies, num_joints, layout), class names, the
+                        store's preprocessing, the data section (crops), protocol, epoch, metrics
+
+A linear probe (``head = "linear"``) has no ``fc_norm``: the feature standardisation it was
+trained with is folded into ``head.weight`` / ``head.bias``, so it runs on raw features.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtscale.config import FinetuneConfig, ModelConfig, from_dict, to_dict
+from mtscale.errors import BadInputError, ConfigError
+from mtscale.models.encoder import ClassifierHead, MotionTransformer, resolve_size
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mtscale-classifier/1"
+WEIGHTS = "model.safetensors"
+META = "meta.json"
+# Model fields that only change how the architecture runs (not its weights): taken from the
+# fine-tuning config even when the architecture comes from the pre-trained file.
+RUNTIME_FIELDS = ("drop_path", "attn_backend", "checkpoint_activations", "compile")
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+def _encoder_file(path: Path) -> Path | None:
+    """The exported encoder: ``path`` itself if a file, else ``path/encoder.safetensors`` (a run dir)."""
+    if path.is_file():
+        return path
+    cand = path / "encoder.safetensors"
+    return cand if cand.is_file() else None
+
+
+def load_pretrained(path: str | Path) -> tuple[MotionTransformer, dict[str, Any]]:
+    """Encoder + meta from an exported ``.safetensors`` file, a pre-training run directory
+    (its ``encoder.safetensors``, else its latest checkpoint, consolidated) or a checkpoint dir.
+    Keys are checked exactly by ``mtscale.train.checkpoint.load_encoder``."""
+    from mtscale.train.checkpoint import export_encoder, load_encoder
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"pretrained: found {str(p)!r}, which does not exist; expected an encoder "
+                          ".safetensors file or a pre-training run / checkpoint directory")
+    f = _encoder_file(p)
+    if f is not None:
+        return load_encoder(f)
+    with tempfile.TemporaryDirectory(prefix="mtscale-encoder-") as tmp:
+        out = export_encoder(p, Path(tmp) / "encoder.safetensors")
+        return load_encoder(out)
+
+
+def build_encoder(cfg: FinetuneConfig, *, num_joints: int, in_chans: int = 3
+                  ) -> tuple[MotionTransformer, dict[str, Any], str | None]:
+    """The encoder this run trains, its resolved model section (dict) and the pre-trained
+    source (None from scratch).
+
+    With a pre-trained encoder the architecture is the file's (``cfg.model`` may differ only
+    in runtime fields: drop_path, attn_backend, ...), and the clip geometry must match the
+    data section (position embeddings are per frame patch)."""
+    if not cfg.needs_pretrained:
+        enc = MotionTransformer.from_config(cfg.model, clip_frames=cfg.data.clip_frames,
+                                            num_bodies=cfg.data.num_bodies, num_joints=num_joints, in_chans=in_chans)
+        return enc, _resolved_model(cfg.model), None
+    if not cfg.pretrained:
+        raise ConfigError(f"pretrained: missing with protocol {cfg.protocol}, expected an exported encoder "
+                          "(<pretrain run>/encoder.safetensors) or a pre-training run directory")
+    src, meta = load_pretrained(cfg.pretrained)
+    for name, want in (("clip_frames", cfg.data.clip_frames), ("num_bodies", cfg.data.num_bodies),
+                       ("num_joints", num_joints)):
+        if int(meta[name]) != int(want):
+            raise ConfigError(f"data.{name}: found {want}, but the pre-trained encoder {cfg.pretrained} was "
+                              f"trained with {name}={meta[name]}; expected the same")
+    model_dict = dict(meta["model"])
+    for k in RUNTIME_FIELDS:
+        if hasattr(cfg.model, k):
+            model_dict[k] = getattr(cfg.model, k)
+    model_cfg = from_dict(ModelConfig, model_dict, "model")
+    enc = MotionTransformer.from_config(model_cfg, clip_frames=cfg.data.clip_frames, num_bodies=cfg.data.num_bodies,
+                                        num_joints=num_joints, in_chans=int(meta.get("in_chans", in_chans)))
+    enc.load_state_dict(src.state_dict(), strict=True)  # same architecture: exact by construction
+    log.info("loaded pre-trained encoder %s (%s, step %s)", cfg.pretrained, meta.get("format"), meta.get("step"))
+    return enc, _resolved_model(model_cfg), str(cfg.pretrained)
+
+
+def _resolved_model(model_cfg: ModelConfig) -> dict[str, Any]:
+    """Model section with the registry row's dim/depth/heads/mlp_ratio written out."""
+    d = to_dict(model_cfg)
+    s = resolve_size(model_cfg)
+    d.update(dim=s.dim, depth=s.depth, heads=s.heads, mlp_ratio=s.mlp_ratio)
+    return d
+
+
+# --------------------------------------------------------------------------- classifier
+
+
+def build_classifier(encoder: MotionTransformer, num_classes: int, *, head: str = "layernorm",
+                     head_drop: float = 0.0) -> ClassifierHead:
+    """``ClassifierHead`` on ``encoder``; ``head="linear"`` drops the LayerNorm (linear probe)."""
+    if head not in ("layernorm", "linear"):
+        raise ValueError(f"head: {head!r}")
+    model = ClassifierHead(encoder, num_classes, head_drop)
+    if head == "linear":
+        model.fc_norm = nn.Identity()
+    return model
+
+
+def fold_standardisation(linear: nn.Linear, mean_D: torch.Tensor, std_D: torch.Tensor) -> None:
+    """Make ``linear(x)`` equal ``linear_old((x - mean) / std)`` (in place)."""
+    with torch.no_grad():
+        w = linear.weight / std_D[None, :]
+        linear.bias.sub_(w @ mean_D)
+        linear.weight.copy_(w)
+
+
+def save_classifier(model: nn.Module, meta: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write ``out_dir/{model.safetensors, meta.json}`` atomically (folder written beside, renamed)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in unwrap(model).state_dict().items()}
+    save_file(sd, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+    (tmp / META).write_text(json.dumps(dict(meta, format=FORMAT), indent=2, sort_keys=True, default=str) + "\n")
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    d = Path(path)
+    d = d.parent if d.is_file() else d
+    f = d / META
+    if not f.is_file():
+        raise BadInputError(str(d), None, f"no {META}", "a classifier checkpoint folder written by mtscale finetune "
+                            "(e.g. <run>/final or <run>/best)")
+    meta = json.loads(f.read_text())
+    if meta.get("format") != FORMAT:
+        raise BadInputError(str(f), None, f"format {meta.get('format')!r}", repr(FORMAT))
+    return meta
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A classifier folder from itself, its model.safetensors, or a fine-tuning run dir (its ``final``)."""
+    p = Path(path)
+    if p.is_file():
+        p = p.parent
+    if (p / META).is_file():
+        return p
+    for sub in ("final", "seed0/final"):
+        if (p / sub / META).is_file():
+            return p / sub
+    finals = sorted(p.glob("seed*/final"))
+    if finals:
+        return finals[0]
+    raise BadInputError(str(path), None, "no classifier checkpoint found",
+                        "a folder with model.safetensors + meta.json, or a fine-tuning run dir with final/")
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[ClassifierHead, dict[str, Any]]:
+    """Rebuild a classifier from a checkpoint folder (or run dir) and load it exactly."""
+    from safetensors.torch import load_file
+
+    d = resolve_checkpoint(path)
+    meta = read_meta(d)
+    model_cfg = from_dict(ModelConfig, {k: v for k, v in meta["model"].items()}, "model")
+    enc = MotionTransformer.from_config(model_cfg, clip_frames=meta["clip_frames"], num_bodies=meta["num_bodies"],
+                                        num_joints=meta["num_joints"], in_chans=meta.get("in_chans", 3))
+    model = build_classifier(enc, int(meta["num_classes"]), head=meta.get("head", "layernorm"))
+    state = load_file(str(d / WEIGHTS))
+    check_keys(model, state, str(d / WEIGHTS))
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), meta
+
+
+def check_keys(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Exactly the model's keys and shapes, else one error listing what is missing / unexpected."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise BadInputError(where, None, f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                            f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}",
+                            "exactly the classifier's keys")
+    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+    if bad:
+        raise BadInputError(where, None, f"mis-shaped tensors {bad[:4]}", "the shapes of the classifier in meta.json")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model

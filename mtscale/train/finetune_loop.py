@@ -1,0 +1,299 @@
+"""Supervised training of a classifier on an encoder: one loop, the protocol is a mode.
+
+    run_finetune(cfg, on_epoch=None, resume_from=None) -> dict   # one seed
+    run_seeds(cfg) -> dict                                       # cfg.seeds, mean ± std
+
+Per epoch: train (:class:`FullTrainer` for finetune / semi / scratch; :class:`LinearProbe`
+for linear), validate on the held-out rows (never the test part), write a checkpoint folder
+``<run>/checkpoints/epoch_XXXX`` (classifier weights + meta.json + train_state.pt) and call
+``on_epoch(epoch, metrics, checkpoint_dir)``. After the last epoch the classifier goes to
+``<run>/final`` (and the best-on-validation epoch to ``<run>/best``), both are scored on the
+test part, and the run writes ``results.json`` + a markdown row in ``results.md``.
+
+Runs in one process (no process group, no port: Ray Tune trials) or under a launcher
+(``deepspeed`` / ``torchrun`` / ``srun``: DistributedDataParallel over gloo or nccl). A run
+directory with checkpoints resumes from the latest one unless ``resume_from`` names another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from mtscale.config import FinetuneConfig, save_config, to_dict
+from mtscale.data.store import Store
+from mtscale.errors import ConfigError
+from mtscale.train.classifier import (WEIGHTS, build_classifier, build_encoder, check_keys, save_classifier,
+                                      unwrap)
+from mtscale.train.finetune_data import Splits, make_splits
+from mtscale.train.inference import Runtime, classifier_forward, score_rows, setup_runtime
+from mtscale.train.metrics import (append_results_md, classification_metrics, confusion_matrix, hardware_summary,
+                                   mean_std, results_row, save_confusion)
+from mtscale.train.trainers import FullTrainer, LinearProbe
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, dict[str, float], Path], None]
+STATE = "train_state.pt"
+
+
+def run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None = None,
+                 resume_from: Path | str | None = None) -> dict[str, Any]:
+    """Train one seed (``train.seed``, or the single entry of ``cfg.seeds``); see the module
+    docstring. Returns the final metrics: ``test_top1`` / ``test_top5`` (last epoch) and
+    ``test_top1_best`` (best-on-val epoch) where a test part is configured, ``val_top1``,
+    ``epochs``, ``wall_s``, ``cpu_s``, ``run_dir``, ``final`` (checkpoint folder)."""
+    if cfg.seeds is not None:
+        if len(cfg.seeds) > 1:
+            raise ConfigError(f"seeds: found {cfg.seeds} in run_finetune, expected one seed (use run_seeds)")
+        cfg = dataclasses.replace(cfg, seeds=None, train=dataclasses.replace(cfg.train, seed=int(cfg.seeds[0])))
+    t0, c0 = time.perf_counter(), time.process_time()
+    seed = cfg.train.seed
+    rt = setup_runtime(cfg.train.device, cfg.train.precision)
+    _warn_unused(cfg)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # the same initial weights on every rank
+    store = Store.open(cfg.data.store)
+    splits = make_splits(store, cfg)
+    encoder, model_dict, source = build_encoder(cfg, num_joints=store.layout.num_joints)
+    model = build_classifier(encoder, store.num_classes, head="linear" if cfg.protocol == "linear" else "layernorm",
+                             head_drop=cfg.head_drop).to(rt.device)
+    torch.manual_seed(seed * 1000 + rt.world.rank)  # dropout / drop-path / mixup differ per rank
+    run_dir = Path(cfg.run.dir)
+    meta = _meta(cfg, store, model_dict, source, splits)
+    if rt.world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    log.info("%s on %s: %s rows, %d classes, encoder %s, device %s (%s), world %d", cfg.protocol, store.url,
+             splits.sizes(), store.num_classes, source or "random init", rt.device, rt.precision, rt.world.world_size)
+
+    trainer_cls = LinearProbe if cfg.protocol == "linear" else FullTrainer
+    trainer = trainer_cls(cfg, model, store, splits, rt)
+    start, best = 0, {"val_top1": -math.inf, "epoch": -1}
+    resume = Path(resume_from) if resume_from is not None else _latest_checkpoint(run_dir)
+    if resume is not None:
+        start, best = _resume(resume, model, trainer)
+    logger = _MetricsLog(run_dir, rt.world.is_main and cfg.run.tensorboard, rt.world.is_main)
+    last_ckpt = resume
+    metrics: dict[str, float] = {}
+    for epoch in range(start, cfg.epochs):
+        te = time.perf_counter()
+        metrics = {"epoch": epoch, **trainer.train_epoch(epoch), **trainer.validate()}
+        metrics["epoch_s"] = time.perf_counter() - te
+        improved = metrics.get("val_top1", -math.inf) > best["val_top1"] or best["epoch"] < 0
+        if improved:
+            best = {"val_top1": metrics.get("val_top1", math.nan), "epoch": epoch}
+        last_ckpt = _save_epoch(run_dir, epoch, model, trainer, meta, metrics, best, rt, cfg.train.keep_checkpoints)
+        if improved and cfg.keep_best and rt.world.is_main:
+            _copy_dir(last_ckpt, run_dir / "best", drop=(STATE,))
+        logger.write(metrics)
+        if on_epoch is not None and rt.world.is_main:
+            on_epoch(epoch, dict(metrics), last_ckpt)
+    logger.close()
+    result = _finish(cfg, model, trainer, store, splits, rt, run_dir, last_ckpt, best, metrics)
+    result.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, seed=seed)
+    if rt.world.is_main:
+        (run_dir / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+        append_results_md(run_dir / "results.md", results_row(
+            protocol=_protocol_name(cfg), store=cfg.data.store, split=f"{cfg.data.split}/{cfg.test_part}",
+            label_fraction=cfg.data.label_fraction, seeds=[seed], val_top1=[result.get("val_top1", math.nan)],
+            test_top1=[result.get("test_top1", math.nan)], test_top1_best=[result.get("test_top1_best", math.nan)],
+            epochs=cfg.epochs, wall_s=result["wall_s"], hardware=hardware_summary()))
+    return result
+
+
+def run_seeds(cfg: FinetuneConfig) -> dict[str, Any]:
+    """One run per seed of ``cfg.seeds`` (in ``<run>/seed<S>``) and their mean ± std."""
+    seeds = cfg.seeds or [cfg.train.seed]
+    if len(seeds) == 1:
+        return run_finetune(dataclasses.replace(cfg, seeds=None, train=dataclasses.replace(cfg.train, seed=seeds[0])))
+    t0 = time.perf_counter()
+    runs = []
+    for s in seeds:
+        sub = dataclasses.replace(cfg, seeds=None, train=dataclasses.replace(cfg.train, seed=int(s)),
+                                  run=dataclasses.replace(cfg.run, dir=str(Path(cfg.run.dir) / f"seed{s}")))
+        runs.append(run_finetune(sub))
+    out: dict[str, Any] = {"seeds": list(seeds), "runs": runs, "wall_s": time.perf_counter() - t0,
+                           "cpu_s": sum(r["cpu_s"] for r in runs)}
+    for key in ("val_top1", "test_top1", "test_top5", "test_top1_best"):
+        vals = [r[key] for r in runs if key in r]
+        if vals:
+            out[f"{key}_mean"], out[f"{key}_std"] = mean_std(vals)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        run_dir = Path(cfg.run.dir)
+        (run_dir / "results.json").write_text(json.dumps(out, indent=2, sort_keys=True, default=str) + "\n")
+        append_results_md(run_dir / "results.md", results_row(
+            protocol=_protocol_name(cfg), store=cfg.data.store, split=f"{cfg.data.split}/{cfg.test_part}",
+            label_fraction=cfg.data.label_fraction, seeds=seeds, val_top1=[r.get("val_top1", math.nan) for r in runs],
+            test_top1=[r.get("test_top1", math.nan) for r in runs],
+            test_top1_best=[r.get("test_top1_best", math.nan) for r in runs], epochs=cfg.epochs,
+            wall_s=out["wall_s"], hardware=hardware_summary()))
+    return out
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def _protocol_name(cfg: FinetuneConfig) -> str:
+    return cfg.protocol if cfg.data.label_fraction >= 1 else f"{cfg.protocol} ({cfg.data.label_fraction:g} labels)"
+
+
+def _warn_unused(cfg: FinetuneConfig) -> None:
+    dflt = type(cfg.train)()
+    for name in ("max_steps", "warmup_steps", "ckpt_every", "zero_stage"):
+        if getattr(cfg.train, name) != getattr(dflt, name):
+            log.warning("train.%s=%s has no effect on fine-tuning (the schedule is in epochs; one checkpoint per "
+                        "epoch; DDP, not ZeRO)", name, getattr(cfg.train, name))
+    if cfg.protocol == "linear" and (cfg.mixup or cfg.model.drop_path or cfg.head_drop):
+        log.warning("mixup / model.drop_path / head_drop have no effect on a linear probe (frozen features)")
+
+
+def _meta(cfg: FinetuneConfig, store: Store, model_dict: dict, source: str | None, splits: Splits) -> dict[str, Any]:
+    """What evaluate / predict need, stored beside every classifier checkpoint."""
+    from mtscale import __version__
+
+    return {
+        "model": model_dict, "clip_frames": cfg.data.clip_frames, "num_bodies": cfg.data.num_bodies,
+        "num_joints": store.layout.num_joints, "in_chans": 3, "layout": store.layout.name,
+        "num_classes": store.num_classes, "class_names": store.class_names,
+        "head": "linear" if cfg.protocol == "linear" else "layernorm",
+        "preprocessing": store.attrs.get("preprocessing"), "source_format": store.attrs.get("format"),
+        "data": to_dict(cfg.data), "protocol": cfg.protocol, "pretrained": source, "seed": cfg.train.seed,
+        "splits": splits.sizes(), "mtscale_version": __version__,
+    }
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / "checkpoints").glob("epoch_*[0-9]"))
+    ckpts = [c for c in ckpts if (c / STATE).is_file() and (c / WEIGHTS).is_file()]
+    return ckpts[-1] if ckpts else None
+
+
+def _resume(path: Path, model: torch.nn.Module, trainer: Any) -> tuple[int, dict]:
+    if not (path / STATE).is_file() or not (path / WEIGHTS).is_file():
+        raise ConfigError(f"resume_from: {path} has no {STATE} + {WEIGHTS}, expected an epoch checkpoint folder "
+                          "written by run_finetune")
+    state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    weights = load_file(str(path / WEIGHTS))
+    check_keys(unwrap(model), weights, str(path / WEIGHTS))
+    unwrap(model).load_state_dict(weights, strict=True)
+    trainer.load_state_dict(state["trainer"])
+    _restore_rng(state.get("rng"))
+    log.info("resumed from %s (epoch %d done)", path, state["epoch"])
+    return int(state["epoch"]) + 1, dict(state["best"])
+
+
+def _save_epoch(run_dir: Path, epoch: int, model: torch.nn.Module, trainer: Any, meta: dict, metrics: dict,
+                best: dict, rt: Runtime, keep: int) -> Path:
+    """Rank 0 writes ``<run>/checkpoints/epoch_XXXX``; every rank waits for it."""
+    out = run_dir / "checkpoints" / f"epoch_{epoch:04d}"
+    trainer.prepare_export()  # on every rank: all of them evaluate the exported classifier
+    if rt.world.is_main:
+        save_classifier(model, dict(meta, epoch=epoch, metrics=metrics), out)
+        state = {"epoch": epoch, "best": best, "trainer": trainer.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(), "numpy_seed": int(np.random.randint(2**31))}}
+        tmp = out / (STATE + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(out / STATE)
+        old = sorted((run_dir / "checkpoints").glob("epoch_*[0-9]"))[:-keep]
+        for d in old:
+            shutil.rmtree(d, ignore_errors=True)
+    if rt.distributed:
+        dist.barrier()
+    return out
+
+
+def _restore_rng(rng: dict | None) -> None:
+    if rng:
+        torch.set_rng_state(rng["torch"])
+        np.random.seed(int(rng["numpy_seed"]))
+
+
+def _copy_dir(src: Path, dst: Path, drop: tuple[str, ...] = ()) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*drop))
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def _finish(cfg: FinetuneConfig, model: torch.nn.Module, trainer: Any, store: Store, splits: Splits, rt: Runtime,
+            run_dir: Path, last_ckpt: Path | None, best: dict, last: dict) -> dict[str, Any]:
+    """Publish ``final`` (and ``best``), score the test part with both, write confusion matrices."""
+    if last_ckpt is None:
+        raise ConfigError(f"epochs: nothing was trained and {run_dir} has no checkpoint to finish from")
+    if rt.world.is_main:
+        _copy_dir(last_ckpt, run_dir / "final", drop=(STATE,))
+    if rt.distributed:
+        dist.barrier()
+    result: dict[str, Any] = {"run_dir": str(run_dir), "final": str(run_dir / "final"), "epochs": cfg.epochs,
+                              "protocol": cfg.protocol, "best_epoch": best["epoch"], **splits.sizes()}
+    for k in ("val_top1", "val_loss", "train_loss"):
+        if k in last:
+            result[k] = last[k]
+    if splits.test is None:
+        return result
+    bs = cfg.eval_batch_size or 2 * trainer.micro_batch_size
+    labels = np.asarray(store.labels)[np.sort(splits.test)]
+    variants = [("", None)]
+    if cfg.keep_best and (run_dir / "best").is_dir() and best["epoch"] != last.get("epoch", best["epoch"]):
+        variants.append(("_best", run_dir / "best" / WEIGHTS))
+    for suffix, weights in variants:
+        if weights is not None:
+            unwrap(model).load_state_dict(load_file(str(weights)), strict=True)
+        probs = score_rows(classifier_forward(unwrap(model), probs=True), store, cfg.data, splits.test, rt,
+                           batch_size=bs, clips=cfg.eval_clips, seed=cfg.train.seed, progress=cfg.run.progress,
+                           desc="test")
+        m = classification_metrics(probs, labels, prefix="test_")
+        result.update({k + suffix: v for k, v in m.items()})
+        if rt.world.is_main:
+            folder = run_dir / ("best" if suffix else "final")
+            cm = confusion_matrix(labels, probs.argmax(1), probs.shape[1])
+            save_confusion(cm, store.class_names, folder / "test_confusion.csv", folder / "test_confusion.png",
+                           title=f"{cfg.protocol}: test top-1 {m['test_top1']:.2f}%")
+    if "test_top1_best" not in result and "test_top1" in result:
+        result["test_top1_best"] = result["test_top1"]  # the last epoch was the best on val
+    log.info("test top-1 %.2f%% (last epoch), %.2f%% (best val epoch %d)", result["test_top1"],
+             result["test_top1_best"], best["epoch"])
+    return result
+
+
+class _MetricsLog:
+    """``metrics.jsonl`` (+ TensorBoard) on rank 0."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool):
+        self.enabled, self.path, self.tb = enabled, run_dir / "metrics.jsonl", None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:  # pragma: no cover - tensorboard is a dependency
+                log.warning("tensorboard not installed: metrics go to metrics.jsonl only")
+
+    def write(self, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, int(metrics["epoch"]))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

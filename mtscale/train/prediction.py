@@ -1,0 +1,105 @@
+"""Classify raw recordings with a fine-tuned checkpoint: reader -> the store's recorded
+preprocessing -> the evaluation clip (centre crop, resampled to T) -> model -> top-k.
+
+The checkpoint's ``meta.json`` carries everything needed (layout, clip geometry, crops,
+preprocessing options, class names), so no store is needed at prediction time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mtscale.config import DataConfig, from_dict
+from mtscale.data.clips import crop_windows, gather_clips, resample_indices
+from mtscale.data.formats import RawSample, get_reader
+from mtscale.data.preprocess import PrepareOptions, preprocess
+from mtscale.errors import BadInputError, ConfigError
+from mtscale.train.classifier import load_classifier
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = {".skeleton": "ntu", ".json": "nw-ucla"}
+
+
+def guess_format(path: str, meta: dict[str, Any]) -> str:
+    """Format from the file extension, else the format the checkpoint's store was prepared from."""
+    fmt = EXTENSIONS.get(Path(path).suffix.lower()) or meta.get("source_format")
+    if not fmt:
+        raise ConfigError(f"--format: cannot tell the format of {path}, expected --format ntu|nw-ucla|generic|...")
+    return fmt
+
+
+def prepare_options(meta: dict[str, Any]) -> PrepareOptions:
+    """The PrepareOptions recorded in the store the classifier was trained on."""
+    rec = meta.get("preprocessing") or {}
+    names = {f.name for f in dataclasses.fields(PrepareOptions)}
+    return PrepareOptions(**{k: v for k, v in rec.items() if k in names})
+
+
+def eval_clip(x_TMVC: np.ndarray, data: DataConfig, num_bodies: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The evaluation clip the loader would cut: (1, T, M, V, C) float32 and mask (1, T)."""
+    T, M = x_TMVC.shape[:2]
+    if M < num_bodies:  # pad absent bodies with zeros, as the loader does
+        pad = np.zeros((T, num_bodies - M) + x_TMVC.shape[2:], dtype=x_TMVC.dtype)
+        x_TMVC = np.concatenate([x_TMVC, pad], axis=1)
+    x_TMVC = np.ascontiguousarray(x_TMVC[:, :num_bodies], dtype=np.float32)
+    start, crop = crop_windows(np.array([T]), train=False, crop_min=data.crop_min, crop_max=data.crop_max,
+                               eval_crop=data.eval_crop)
+    i0, i1, w, mask = resample_indices(crop, data.clip_frames, pad_short=data.short_clips == "pad")
+    x = gather_clips(x_TMVC, start, i0, i1, w, mask)  # (1, T', M, V, C)
+    return x, torch.from_numpy(mask)
+
+
+def iter_samples(files: list[str], fmt: str | None, meta: dict[str, Any]) -> Iterator[tuple[str, RawSample]]:
+    for f in files:
+        reader = get_reader(fmt or guess_format(f, meta))
+        listing = reader.list_units(f)
+        if not listing.units:
+            raise BadInputError(f, None, "excluded by the reader (e.g. a published missing-skeleton sample)",
+                                "a readable recording")
+        for unit in listing.units:
+            for sample in reader.read_unit(unit):
+                yield f, sample
+
+
+@torch.no_grad()
+def predict_files(checkpoint: str, files: list[str], *, fmt: str | None = None, topk: int = 5,
+                  device: str | torch.device = "cpu") -> list[dict[str, Any]]:
+    """One row per recording: file, sample_id, label_id, class_name, probability, top-k list
+    (label_id, class_name, probability), and true_label where the file name gives it."""
+    model, meta = load_classifier(checkpoint, device)
+    data = from_dict(DataConfig, meta["data"], "data")
+    options = prepare_options(meta)
+    names = meta.get("class_names") or [str(i) for i in range(int(meta["num_classes"]))]
+    rows = []
+    for f, sample in iter_samples(list(files), fmt, meta):
+        if sample.layout != meta["layout"]:
+            raise BadInputError(f, None, f"layout {sample.layout!r}", f"{meta['layout']!r} (the checkpoint's)")
+        x_TMVC = preprocess(sample, options)
+        x, mask = eval_clip(x_TMVC, data, int(meta["num_bodies"]))
+        probs = F.softmax(model(x.to(device), mask.to(device)).float(), dim=1)[0].cpu()
+        p, k = probs.topk(min(topk, probs.numel()))
+        top = [{"label_id": int(i), "class_name": names[int(i)], "probability": float(q)} for q, i in zip(p, k)]
+        row = {"file": f, "sample_id": sample.sample_id, **top[0], "topk": top}
+        if sample.label >= 0:
+            row["true_label"] = int(sample.label)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table: file, predicted class, probability, runner-up."""
+    out = [f"{'file':<40} {'id':>4}  {'class':<34} {'prob':>6}  next"]
+    for r in rows:
+        nxt = r["topk"][1] if len(r["topk"]) > 1 else None
+        nxt_s = f"{nxt['class_name']} ({nxt['probability']:.2f})" if nxt else ""
+        out.append(f"{Path(r['file']).name:<40} {r['label_id']:>4}  {r['class_name'][:34]:<34} "
+                   f"{r['probability']:>6.3f}  {nxt_s}")
+    return "\n".join(out)

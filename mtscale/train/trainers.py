@@ -1,0 +1,260 @@
+"""The two ways an epoch of fine-tuning trains (the rest of the loop is shared, see
+``finetune_loop.py``):
+
+- :class:`FullTrainer` (finetune / semi / scratch): the whole classifier trains on streamed,
+  randomly cropped and augmented clips; AdamW with layer-wise lr decay (BEiT / MAE groups from
+  ``param_groups_lrd``), linear warmup + cosine per optimizer step, label smoothing, optional
+  mixup, gradient accumulation and clipping, DistributedDataParallel across ranks, autocast
+  in bf16 / fp16 where configured (CUDA).
+- :class:`LinearProbe` (linear): the encoder is frozen, so its features are computed once
+  (centre crops, eval mode, exact across ranks) and a linear head trains on the standardised
+  cached features (MAE's BatchNorm-without-affine probe, as a fixed standardisation) -- each
+  epoch costs a few matrix products instead of an encoder pass. For export the standardisation
+  is folded into the head, so the saved classifier runs on raw features.
+
+Both expose ``micro_batch_size``, ``train_epoch(epoch) -> metrics``, ``validate() -> metrics``,
+``prepare_export()``, ``state_dict()`` / ``load_state_dict()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mtscale.config import FinetuneConfig
+from mtscale.errors import ConfigError
+from mtscale.models.encoder import param_groups_lrd
+from mtscale.train.classifier import fold_standardisation, unwrap
+from mtscale.train.engine import batch_geometry, lr_lambda
+from mtscale.train.finetune_data import Splits, rows_loader
+from mtscale.train.inference import Runtime, classifier_forward, score_rows
+from mtscale.train.metrics import classification_metrics
+
+log = logging.getLogger(__name__)
+
+
+def soft_cross_entropy(logits_NK: Tensor, target_NK: Tensor) -> Tensor:
+    return -(target_NK * F.log_softmax(logits_NK.float(), dim=1)).sum(dim=1).mean()
+
+
+def smoothed_targets(labels_N: Tensor, num_classes: int, smoothing: float) -> Tensor:
+    """One-hot with label smoothing: 1 - s + s / K on the label, s / K elsewhere."""
+    t = torch.full((labels_N.shape[0], num_classes), smoothing / num_classes, device=labels_N.device)
+    return t.scatter_(1, labels_N[:, None], 1.0 - smoothing + smoothing / num_classes)
+
+
+def _schedule(cfg: FinetuneConfig, steps_per_epoch: int):
+    """Multiplier of the base lr after ``step`` optimizer steps (warmup + cosine to min_lr)."""
+    total = max(cfg.epochs * steps_per_epoch, 1)
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    return lr_lambda(dataclasses.replace(cfg.train, max_steps=total, warmup_steps=warm))
+
+
+def _set_lr(opt: torch.optim.Optimizer, base_lr: float, factor: float) -> float:
+    for g in opt.param_groups:
+        g["lr"] = base_lr * g.get("lr_scale", 1.0) * factor
+    return base_lr * factor
+
+
+def _mean_over_ranks(total: float, count: float, device: torch.device) -> float:
+    t = torch.tensor([total, count], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return float(t[0] / t[1].clamp_min(1))
+
+
+def _val_metrics(logits_NK: np.ndarray, labels_N: np.ndarray) -> dict[str, float]:
+    m = classification_metrics(logits_NK, labels_N, prefix="val_")
+    m["val_loss"] = float(F.cross_entropy(torch.from_numpy(logits_NK).float(), torch.from_numpy(labels_N)))
+    return m
+
+
+class FullTrainer:
+    """All weights train on streamed clips (see the module docstring)."""
+
+    def __init__(self, cfg: FinetuneConfig, model: nn.Module, store: Any, splits: Splits, rt: Runtime):
+        self.cfg, self.store, self.splits, self.rt = cfg, store, splits, rt
+        geo = batch_geometry(cfg.train, rt.world.world_size)
+        self.micro_batch_size, self.accum = geo.micro_batch_size, geo.grad_accum_steps
+        if splits.train.size < geo.global_batch_size:
+            raise ConfigError(f"train.batch_size: found {geo.global_batch_size}, but only {splits.train.size} "
+                              "training samples are selected; expected at most that many")
+        self.loader = rows_loader(store, cfg.data, splits.train, batch_size=self.micro_batch_size,
+                                  seed=cfg.train.seed, rank=rt.world.rank, world_size=rt.world.world_size,
+                                  train=True, device=rt.device)
+        self.steps_per_epoch = len(self.loader) // self.accum
+        self.model = model
+        enc = unwrap(model).encoder
+        groups = param_groups_lrd(model, enc.depth, cfg.train.weight_decay, cfg.layer_decay)
+        extra = {"fused": True} if rt.device.type == "cuda" else {"foreach": True}
+        self.opt = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.adam_eps,
+                                     **extra)
+        self.lr_factor = _schedule(cfg, self.steps_per_epoch)
+        self.step = 0
+        self.ddp: nn.Module = model
+        if rt.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        if cfg.model.compile:
+            self.ddp = torch.compile(self.ddp)
+        self.num_classes = int(unwrap(model).head.out_features)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg, rt = self.cfg, self.rt
+        self.model.train()
+        self.loader.set_epoch(epoch)
+        n_micro = self.steps_per_epoch * self.accum
+        loss_sum = correct = seen = 0.0
+        lr = 0.0
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
+                   disable=not (cfg.run.progress and rt.world.is_main))
+        for i, batch in enumerate(self.loader):
+            if i >= n_micro:
+                break
+            x, mask, y = batch["x"], batch["mask"], batch["label"]
+            target = smoothed_targets(y, self.num_classes, cfg.label_smoothing)
+            if cfg.mixup > 0:
+                g = np.random.default_rng([cfg.train.seed, epoch, i, rt.world.rank])
+                lam = float(g.beta(cfg.mixup, cfg.mixup))
+                perm = torch.from_numpy(g.permutation(x.shape[0])).to(x.device)
+                x = lam * x + (1 - lam) * x[perm]
+                mask = mask | mask[perm]
+                target = lam * target + (1 - lam) * target[perm]
+            sync = (i + 1) % self.accum == 0
+            ctx = self.ddp.no_sync() if (rt.distributed and not sync and hasattr(self.ddp, "no_sync")) \
+                else contextlib.nullcontext()
+            with ctx:
+                with rt.autocast():
+                    logits = self.ddp(x, mask)
+                loss = soft_cross_entropy(logits, target)
+                (loss / self.accum).backward()
+            loss_sum += float(loss.detach()) * y.shape[0]
+            correct += float((logits.detach().argmax(1) == y).sum())
+            seen += y.shape[0]
+            if sync:
+                lr = _set_lr(self.opt, cfg.train.lr, self.lr_factor(self.step))
+                if cfg.train.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}")
+        bar.close()
+        return {"train_loss": _mean_over_ranks(loss_sum, seen, rt.device),
+                "train_top1": 100.0 * _mean_over_ranks(correct, seen, rt.device), "lr": lr, "step": self.step}
+
+    def validate(self) -> dict[str, float]:
+        if self.splits.val.size == 0:
+            return {}
+        logits = score_rows(classifier_forward(unwrap(self.model), probs=False), self.store, self.cfg.data,
+                            self.splits.val, self.rt, batch_size=self.cfg.eval_batch_size or 2 * self.micro_batch_size,
+                            seed=self.cfg.train.seed, progress=self.cfg.run.progress, desc="val")
+        return _val_metrics(logits, np.asarray(self.store.labels)[self.splits.val])
+
+    def prepare_export(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.opt.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+
+
+class LinearProbe:
+    """A linear head on frozen, cached, standardised features (see the module docstring)."""
+
+    def __init__(self, cfg: FinetuneConfig, model: nn.Module, store: Any, splits: Splits, rt: Runtime):
+        self.cfg, self.store, self.splits, self.rt, self.model = cfg, store, splits, rt, model
+        geo = batch_geometry(cfg.train, rt.world.world_size)
+        self.micro_batch_size = geo.micro_batch_size
+        enc = unwrap(model).encoder
+        enc.requires_grad_(False)
+        enc.eval()
+
+        def features(x: Tensor, mask: Tensor) -> Tensor:
+            return enc.features(x, mask)
+
+        bs = cfg.eval_batch_size or 2 * self.micro_batch_size
+        labels = np.asarray(store.labels)
+        f_train = score_rows(features, store, cfg.data, splits.train, rt, batch_size=bs, progress=cfg.run.progress,
+                             desc="features train")
+        self.mean = torch.from_numpy(f_train.mean(0)).to(rt.device)
+        self.std = torch.from_numpy(f_train.std(0) + 1e-6).to(rt.device)
+        self.f_train = self._standardise(f_train)  # (N, D)
+        self.y_train = torch.from_numpy(labels[splits.train]).to(rt.device)
+        if splits.val.size:
+            f_val = score_rows(features, store, cfg.data, splits.val, rt, batch_size=bs, progress=cfg.run.progress,
+                               desc="features val")
+            self.f_val, self.y_val = self._standardise(f_val), labels[splits.val]
+        head = unwrap(model).head
+        self.head = nn.Linear(head.in_features, head.out_features).to(rt.device)
+        nn.init.trunc_normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+        self.opt = torch.optim.AdamW(self.head.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                     eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
+        self.batch_size = min(cfg.train.batch_size, self.f_train.shape[0])
+        self.steps_per_epoch = -(-self.f_train.shape[0] // self.batch_size)
+        self.lr_factor = _schedule(cfg, self.steps_per_epoch)
+        self.step = 0
+        log.info("linear probe: cached %s train features (dim %d)", tuple(self.f_train.shape), self.f_train.shape[1])
+
+    def _standardise(self, f: np.ndarray) -> Tensor:
+        return (torch.from_numpy(f).to(self.rt.device) - self.mean) / self.std
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg = self.cfg
+        n = self.f_train.shape[0]
+        # Every rank holds all features and runs the same deterministic steps: no communication.
+        g = torch.Generator().manual_seed(int(cfg.train.seed) * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g).to(self.rt.device)
+        loss_sum = correct = 0.0
+        lr = 0.0
+        for b in range(self.steps_per_epoch):
+            idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
+            f, y = self.f_train[idx], self.y_train[idx]
+            logits = self.head(f)
+            loss = soft_cross_entropy(logits, smoothed_targets(y, self.head.out_features, cfg.label_smoothing))
+            lr = _set_lr(self.opt, cfg.train.lr, self.lr_factor(self.step))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.step += 1
+            loss_sum += float(loss.detach()) * idx.numel()
+            correct += float((logits.detach().argmax(1) == y).sum())
+        return {"train_loss": loss_sum / n, "train_top1": 100.0 * correct / n, "lr": lr, "step": self.step}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        if self.splits.val.size == 0:
+            return {}
+        return _val_metrics(self.head(self.f_val).float().cpu().numpy(), self.y_val)
+
+    @torch.no_grad()
+    def prepare_export(self) -> None:
+        """Copy the head into the classifier with the standardisation folded in."""
+        out = unwrap(self.model).head
+        out.weight.copy_(self.head.weight)
+        out.bias.copy_(self.head.bias)
+        fold_standardisation(out, self.mean.to(out.weight.device), self.std.to(out.weight.device))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"head": self.head.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.head.load_state_dict(state["head"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.prepare_export()
