@@ -103,9 +103,11 @@ class Store:
         self.offsets = manifest.column("offset").to_numpy().astype(np.int64)
         self.lengths = manifest.column("length").to_numpy().astype(np.int64)
         self.labels = manifest.column("label").to_numpy().astype(np.int64)
-        self.class_names: list[str] | None = self.attrs.get("class_names")
         n = self.attrs.get("num_classes")
         self.num_classes = int(n) if n is not None else int(self.labels.max(initial=-1) + 1)
+        names = self.attrs.get("class_names")
+        # attrs keep the format's whole list (NTU: 120); the store's classes are the first num_classes
+        self.class_names: list[str] | None = list(names)[: self.num_classes] if names is not None else None
         self.direct_reads = True
         """``read_frames`` decodes shard chunks itself (``shard_reader``); False: through zarr."""
         self._direct: DirectReader | None | bool = False  # False: not built yet; None: unsupported

@@ -265,9 +265,10 @@ class StoreWriter:
         self._flush(final=True)
         self._ensure_array(int(self.attrs.get("num_coords", 3)))
         labels = [r["label"] for r in self._rows]
-        if self.attrs.get("class_names") is not None:
-            self.attrs["num_classes"] = len(self.attrs["class_names"])
-        elif self.attrs.get("num_classes") is None:
+        if self.attrs.get("num_classes") is None:
+            # Classes are those the data uses (0 .. max label): an NTU-60 store has 60, a
+            # synthetic store with K actions K, although the NTU reader knows 120 names
+            # (``class_names`` keeps the format's whole list, so parts of a dataset merge).
             self.attrs["num_classes"] = max(labels, default=-1) + 1
         self._group.attrs.update(self.attrs)
         if self._report:
