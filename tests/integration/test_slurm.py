@@ -301,8 +301,13 @@ def test_tune_runs_sweep_on_job_ray_and_resumes_it_after_usr1_requeue(jobs: Jobs
     per_epoch = pd.read_parquet(exp / "epochs.parquet")
     assert len(trials) == 2 and (trials["status"] == "TERMINATED").all(), trials
     assert sorted(trials["config/layer_decay"]) == [0.65, 0.85] and (trials["epochs"] == epochs).all()
-    for _, g in per_epoch.groupby("trial_id"):  # every epoch exactly once across the two runs
-        assert sorted(g["epoch"].tolist()) == list(range(epochs))
+    for _, g in per_epoch.groupby("trial_id"):
+        # Every epoch ran. Tune resumes a trial from the last checkpoint in the experiment state
+        # saved at the stop, so an epoch reported after that snapshot runs again (at least once,
+        # at most one repeat per trial), never from scratch.
+        seen = g["epoch"].tolist()
+        assert sorted(set(seen)) == list(range(epochs)), seen
+        assert len(seen) - len(set(seen)) <= 1, seen
     best = yaml.safe_load((exp / "best_config.yaml").read_text())
     assert best["pretrained"] == str(encoder) and best["data"]["store"] == str(store)
     assert best["layer_decay"] in (0.65, 0.85) and best["epochs"] == epochs

@@ -149,7 +149,7 @@ def _terminated(exp: Path) -> set[str]:
 
 def test_sigkilled_sweep_resumes_without_rerunning_finished_trials(assets):
     cfg = _tune_yaml(assets, "resume", max_concurrent_trials=2, overrides={"data.store": str(assets["store"]),
-                     "epochs": 2}, space={"train.lr": {"grid": [3e-3, 2e-3, 1e-3]}})
+                     "epochs": 2}, space={"train.lr": {"grid": [5e-3, 4e-3, 3e-3, 2e-3, 1e-3]}})
     exp = assets["root"] / "results" / "resume"
     proc = subprocess.Popen([sys.executable, "-m", "mtscale.cli", "tune", "--config", str(cfg)], env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -175,13 +175,17 @@ def test_sigkilled_sweep_resumes_without_rerunning_finished_trials(assets):
         assert len(finished_logs[tid].splitlines()) == 2
     _mtscale("tune", "--config", str(cfg), "--resume")
     trials, epochs = _tables(exp)
-    assert len(trials) == 3 and (trials["status"] == "TERMINATED").all() and (trials["epochs"] == 2).all()
-    assert sorted(trials["config/train.lr"]) == [1e-3, 2e-3, 3e-3]
+    assert len(trials) == 5 and (trials["status"] == "TERMINATED").all() and (trials["epochs"] == 2).all()
+    assert sorted(trials["config/train.lr"]) == [1e-3, 2e-3, 3e-3, 4e-3, 5e-3]
     for tid, log in finished_logs.items():  # finished before the kill: untouched by the resume
         (trial_dir,) = glob.glob(str(exp / f"*_{tid}_*"))
         assert Path(trial_dir, "result.json").read_text() == log
-    for _, g in epochs.groupby("trial_id"):  # every trial has each epoch exactly once
-        assert sorted(g["epoch"].tolist()) == [0, 1]
+    for tid, g in epochs.groupby("trial_id"):
+        # finished trials: each epoch once; interrupted ones resume from the last checkpoint in
+        # the saved experiment state, so at most one epoch reported after it runs again
+        seen = g["epoch"].tolist()
+        assert sorted(set(seen)) == [0, 1], seen
+        assert len(seen) == 2 if tid in finished_logs else len(seen) <= 3, (tid, seen)
 
 
 def test_a_trial_that_raises_is_retried_from_its_checkpoint_and_the_sweep_completes(assets):
