@@ -23,6 +23,7 @@ passed as a visible ``--set`` override and printed, so each stage can be re-run 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shlex
@@ -41,8 +42,8 @@ CONFIGS = ROOT / "configs"
 
 # Sizes of the default run (--quick: the CI variant).
 PROFILES = {
-    "default": dict(samples=800, classes=8, clip=32, pre_steps=300, pre_batch=32, ft_epochs=12,
-                    lin_epochs=30, tune_epochs=4, tune_samples=2),
+    "default": dict(samples=600, classes=6, clip=32, pre_steps=200, pre_batch=32, ft_epochs=6,
+                    lin_epochs=20, tune_epochs=3, tune_samples=2),
     "quick": dict(samples=240, classes=4, clip=16, pre_steps=40, pre_batch=16, ft_epochs=3,
                   lin_epochs=5, tune_epochs=2, tune_samples=2),
 }
@@ -89,15 +90,23 @@ class Pipeline:
         log_path = self.log_dir / f"{stage}.log"
         print(f"\n[{stage}] $ {shlex.join(cmd)}", flush=True)
         with open(log_path, "a") as log:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    env={**os.environ, **(env or {})}, cwd=self.work, bufsize=1)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **(env or {})}, cwd=self.work)
             assert proc.stdout is not None
-            for line in proc.stdout:
+            # newline="" keeps tqdm's "\r" updates apart from finished lines: a progress bar is
+            # redrawn in place on a terminal, finished lines are filtered and printed.
+            for line in io.TextIOWrapper(proc.stdout, encoding="utf-8", errors="replace", newline=""):
                 log.write(line)
-                if self._show(line):
-                    sys.stdout.write(f"  {line}" if not line.startswith("\r") else line)
+                if line.endswith("\r") or "\r" in line.rstrip("\n"):
+                    if sys.stdout.isatty():
+                        sys.stdout.write("\r  " + line.strip("\r\n")[:150].ljust(150) + "\r")
+                        sys.stdout.flush()
+                elif self._show(line):
+                    sys.stdout.write(f"  {line}")
                     sys.stdout.flush()
             rc = proc.wait()
+            if sys.stdout.isatty():
+                sys.stdout.write("\r" + " " * 154 + "\r")
         if rc != 0:
             tail = log_path.read_text().splitlines()[-15:]
             raise MtscaleError(f"stage {stage} failed (exit {rc}); log {log_path}:\n" + "\n".join(tail))
@@ -106,7 +115,8 @@ class Pipeline:
     def _show(line: str) -> bool:
         keep = ("step", "epoch", "top-1", "top1", "prepared", "wrote", "error", "Error", "resum", "trial", "best",
                 "Trial", "samples")
-        return any(k in line for k in keep) and "DeprecationWarning" not in line
+        noise = ("DeprecationWarning", "[INFO]", "[WARNING]", "spawned with command")  # launcher chatter
+        return any(k in line for k in keep) and not any(n in line for n in noise)
 
     def _mtscale(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "mtscale.cli", *args]
