@@ -69,8 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="where data and runs go (default: a temp dir)")
     ap.add_argument("--json", default=None, help="write the results as a flat JSON object")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--objective", default="masked_motion", choices=["masked_motion", "masked_recon", "motion_flow"],
+                    help="pre-training objective (motion_flow uses mask ratio 0.5, the others 0.9)")
+    ap.add_argument("--pretrain-steps", type=int, default=None, help="override the setting's pre-training steps")
     a = ap.parse_args(argv)
-    s = SETTINGS["quick" if a.quick else "full"]
+    s = dict(SETTINGS["quick" if a.quick else "full"])
+    if a.pretrain_steps:
+        s["pretrain_steps"] = a.pretrain_steps
     import tempfile
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="mtscale-payoff-"))
@@ -91,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         sets = [f"data.store={store}", f"run.dir={pre}", f"train.max_steps={s['pretrain_steps']}",
                 "train.batch_size=32", "train.lr=1.5e-3", "train.warmup_steps=10", "train.ckpt_every=100000",
                 "train.log_every=25", "run.progress=false", "run.tensorboard=false", f"train.seed={a.seed}",
-                "objective.kind=masked_motion", "objective.mask_ratio=0.9", "objective.masking=motion_aware",
+                f"objective.kind={a.objective}", f"objective.mask_ratio={0.5 if a.objective == 'motion_flow' else 0.9}",
+                "objective.masking=motion_aware",
                 "objective.decoder_dim=64", "objective.decoder_depth=1", "objective.decoder_heads=4", *DATA, *MODEL]
         cmd = [py, "-m", "mtscale.pretrain", "--config", str(ROOT / "configs" / "pretrain" / "tiny_cpu.yaml")]
         t_pre = sh(cmd + [x for kv in sets for x in ("--set", kv)], work / "pretrain.log")
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "semi10_gain_points": r_ft["test_top1"] - r_scr["test_top1"],
         "chance_top1": 100.0 / s["num_classes"], "num_test": r_ft["test"], "num_train_semi10": r_ft["train"],
         "pretrain_wall_s": t_pre, "wall_s": time.perf_counter() - t_all, "cpu_s_this_process": time.process_time() - c_all,
-        "quick": bool(a.quick), **{f"setting_{k}": v for k, v in s.items()},
+        "quick": bool(a.quick), "objective": a.objective, **{f"setting_{k}": v for k, v in s.items()},
         "hardware": _hardware(), "torch": _torch_version(), "workdir": str(work),
     }
     out["linear_target_met"] = out["linear_gain_points"] >= 20.0

@@ -67,10 +67,16 @@ def mask_scores(u_BL: Tensor, motion_BL: Tensor | None = None, tau: float = 0.75
     """Scores whose top-k are masked. Random masking: the uniforms themselves. Motion-aware
     (MAMP): log softmax(motion / tau) + Gumbel noise, i.e. Gumbel-top-k sampling without
     replacement with probability proportional to softmax(motion / tau), so high-motion tokens
-    are masked more often."""
+    are masked more often.
+
+    The motion is first divided by its per-sequence mean, so ``tau`` is scale-free: raw
+    skeleton motion in metres per frame is ~1e-2, and softmax(motion / 0.75) of that is uniform,
+    which silently turned motion-aware masking into random masking on real-scale data."""
     if motion_BL is None:
         return u_BL
-    logp = torch.log_softmax(motion_BL.to(torch.float64) / tau, dim=-1)
+    m = motion_BL.to(torch.float64)
+    m = m / m.mean(dim=-1, keepdim=True).clamp_min(1e-12)
+    logp = torch.log_softmax(m / tau, dim=-1)
     return logp + gumbel(u_BL)
 
 

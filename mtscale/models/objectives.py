@@ -47,6 +47,19 @@ def normalise_tokens(t_BLK: Tensor, eps: float = 1e-6) -> Tensor:
     return (t_BLK - mean) / (var + eps).sqrt()
 
 
+def body_present(x_NTMVC: Tensor, mask_NT: Tensor | None, bodies_folded: int) -> Tensor:
+    """(B,) bool: the sequence has a non-zero coordinate in a valid frame. Absent bodies are all
+    zeros in the store (MAMP convention); their tokens carry no target and are left out of the
+    loss (else ~40 % of a single-person batch is trivially-zero loss diluting the rest)."""
+    a_NTM = x_NTMVC.detach().abs().amax(dim=(3, 4))
+    if mask_NT is not None:
+        a_NTM = a_NTM * mask_NT[:, :, None].to(a_NTM.dtype)
+    present_NM = a_NTM.amax(dim=1) > 0
+    if bodies_folded == 1:
+        return present_NM.any(dim=1)
+    return present_NM.reshape(-1)
+
+
 class PretrainModel(nn.Module):
     """Encoder + objective head. ``forward`` returns (scalar loss, metrics).
 
@@ -123,9 +136,9 @@ class PretrainModel(nn.Module):
         """Loss on hidden tokens. Returns (scalar loss, metrics); metrics are detached scalars,
         plus ``per_sample_loss`` (N,) when ``per_sample``.
 
-        The loss is the mean over samples of each sample's mean over its hidden valid tokens,
-        so it is additive over batch splits (a 2-rank mean equals the 1-rank mean).
-        """
+        The loss is the mean over samples of each sample's mean over its hidden valid tokens of
+        present (not all-zero) bodies, so it is additive over batch splits (a 2-rank mean equals
+        the 1-rank mean)."""
         enc = self.encoder
         N = x_NTMVC.shape[0]
         tokens_BLK = enc.tokenize(x_NTMVC)
@@ -140,10 +153,11 @@ class PretrainModel(nn.Module):
         else:
             pred_BLK = self._mae(h_BLD + enc.pos_embed(), valid_BL, ids_keep, ids_restore)
 
+        w_BL = masked_BL if valid_BL is None else masked_BL & valid_BL
+        w_BL = w_BL & body_present(x_NTMVC, mask_NT, enc.bodies_folded)[:, None]
         if self.cfg.norm_target:
             target_BLK = normalise_tokens(target_BLK)
         err_BL = F.mse_loss(pred_BLK.float(), target_BLK.float(), reduction="none").mean(dim=-1)
-        w_BL = masked_BL if valid_BL is None else masked_BL & valid_BL
         w_NX = w_BL.reshape(N, -1).to(err_BL.dtype)
         loss_N = (err_BL.reshape(N, -1) * w_NX).sum(1) / w_NX.sum(1).clamp_min(1.0)
         loss = loss_N.mean()

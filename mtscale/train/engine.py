@@ -146,7 +146,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or name.endswith(("bias", "_token", "pos_embed", "pos_embed_t", "pos_embed_v")):
+        if p.ndim < 2 or name.endswith(("bias", "_token", "pos_embed", "pos_embed_t", "pos_embed_v", "pos_t", "pos_v")):
             no_decay.append(p)
         else:
             decay.append(p)

@@ -235,3 +235,37 @@ def test_peak_flops_table_and_cpu_measure() -> None:
     rate = measure_cpu_gemm_flops(seconds=0.2, n=512)
     assert 1e8 < rate < 1e14
     assert peak_flops("cpu", torch.float32) > 0
+
+
+def test_absent_bodies_are_left_out_of_the_loss():
+    from mtscale.models.objectives import body_present
+
+    x = torch.randn(3, 8, 2, 25, 3)
+    x[0, :, 1] = 0.0  # sample 0: single person (second body all zeros, as stored)
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    x[2, :, 1] = 0.0
+    x[2, 6:, 1] = 1.0  # sample 2: the second body is non-zero only in frames marked invalid
+    mask[2, 6:] = False
+    folded = body_present(x, mask, bodies_folded=2)  # (N*M,) in sample-major order
+    assert folded.tolist() == [True, False, True, True, True, False]
+    assert body_present(x, mask, bodies_folded=1).tolist() == [True, True, True]
+
+
+def test_motion_aware_scores_do_not_depend_on_motion_units():
+    from mtscale.models.masking import mask_scores
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(4, 50, generator=g, dtype=torch.float64)
+    motion = torch.rand(4, 50, generator=g, dtype=torch.float64) * 0.01  # metres per frame
+    k = 25
+    top_m = mask_scores(u, motion).topk(k, dim=-1).indices.sort(dim=-1).values
+    top_mm = mask_scores(u, motion * 1000).topk(k, dim=-1).indices.sort(dim=-1).values  # millimetres
+    assert torch.equal(top_m, top_mm)
+    # and it is not random masking: at metre scale the high-motion half is masked clearly more often
+    hits = []
+    for seed in range(40):
+        uu = torch.rand(4, 50, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+        idx = mask_scores(uu, motion).topk(k, dim=-1).indices
+        high = motion >= motion.median(dim=-1, keepdim=True).values
+        hits.append(high.gather(1, idx).double().mean())
+    assert torch.stack(hits).mean() > 0.6
