@@ -344,19 +344,23 @@ def apply_overrides(data: dict, sets: list[str] | None) -> dict:
     return data
 
 
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file whose top level is a mapping (empty file -> {}); one-line errors otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: found {type(data).__name__} at top level, expected a mapping")
+    return data
+
+
 def load_config(cls: type[T], path: str | Path | None = None, sets: list[str] | None = None) -> T:
     """YAML file (optional) + overrides -> validated ``cls`` instance."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: found {type(data).__name__} at top level, expected a mapping")
+    data: dict = read_yaml_mapping(path) if path is not None else {}
     apply_overrides(data, sets)
     return from_dict(cls, data)
 

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from mtscale.config import FinetuneConfig, from_dict, to_dict
+from mtscale.config import FinetuneConfig, from_dict, read_yaml_mapping, to_dict
 from mtscale.errors import ConfigError
 from mtscale.tuning.settings import TuneConfig
 from mtscale.tuning.space import Dim, flatten_overrides, parse_space, pbt_mutations, set_dotted, to_param_space
@@ -61,12 +60,7 @@ def resolve(cfg: TuneConfig, config_path: str | Path | None = None) -> Sweep:
         base_path = Path(config_path).resolve().parent / base_path
     if not base_path.is_file():
         raise ConfigError(f"base: {base_path}: fine-tuning config not found")
-    try:
-        base = yaml.safe_load(base_path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{base_path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(base, dict):
-        raise ConfigError(f"{base_path}: found {type(base).__name__} at top level, expected a mapping")
+    base = read_yaml_mapping(base_path)
     for key, value in flatten_overrides(cfg.overrides).items():
         set_dotted(base, key, value, where="overrides")
     if cfg.pretrained is not None:
