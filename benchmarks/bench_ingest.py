@@ -177,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
 
     n = a.num_files or (40 if a.quick else 1000)
     workers = [int(w) for w in a.workers.split(",")]
+    from mtscale.train.metrics import cpu_model
+
     res: dict = {"benchmark": "ingest", "quick": a.quick, "python": platform.python_version(),
-                 "cpu": _cpu_model(), "cores": os.cpu_count(), "load_avg_1m_start": os.getloadavg()[0]}
+                 "cpu": cpu_model(), "cores": os.cpu_count(), "load_avg_1m_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="bench_ingest_") as tmpd:
         tmp = Path(tmpd)
         if a.input:
@@ -219,14 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:
-        return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from mtscale.config import ModelConfig, ObjectiveConfig
 from mtscale.models import layers
 from mtscale.models.flops import measure_cpu_gemm_flops, peak_flops
 from mtscale.models.objectives import build_pretrain_model
+from mtscale.train.metrics import cpu_model
 
 log = logging.getLogger("bench_model")
 
@@ -196,13 +197,7 @@ def hardware(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     else:
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
+        info["cpu"] = cpu_model()
     return info
 
 

@@ -19,7 +19,6 @@ import importlib.util
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,14 +27,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:
-        return platform.processor() or "unknown"
 
 
 def _render_cpu_s(render_chunk, start: int, n: int, num_classes: int, chunk: int) -> tuple[float, int]:
@@ -61,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
 
     n = a.num_samples or (200 if a.quick else 2000)
     workers = [int(w) for w in a.workers.split(",")]
+    from mtscale.train.metrics import cpu_model
+
     res: dict = {"benchmark": "synth", "quick": a.quick, "python": platform.python_version(),
-                 "numpy": np.__version__, "cpu": _cpu_model(), "cores": os.cpu_count(),
+                 "numpy": np.__version__, "cpu": cpu_model(), "cores": os.cpu_count(),
                  "load_avg_1m_start": os.getloadavg()[0], "num_samples": n, "num_classes": a.num_classes,
                  "frames": "40..120", "chunk": synthetic._CHUNK}
 

@@ -139,6 +139,17 @@ def format_mean_std(values: Iterable[float], digits: int = 2) -> str:
     return f"{m:.{digits}f}" if len(v) <= 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def hardware_summary() -> str:
     """One short line: the accelerator (CUDA device name x count) or the CPU model and cores."""
     try:
@@ -148,14 +159,7 @@ def hardware_summary() -> str:
             return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
     except Exception:  # pragma: no cover - torch is a dependency; defensive only
         pass
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     import os
 
     return f"CPU {model} ({len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores)"
