@@ -103,6 +103,31 @@ def build_manifest(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
+def concat_manifests(parts: list[pa.Table]) -> pa.Table:
+    """One manifest from consecutive parts, typed exactly as ``build_manifest`` of all their rows
+    would be (a column whose type differs between parts is re-typed over all its values)."""
+    if not parts:
+        return build_manifest([])
+    if len(parts) == 1:
+        return parts[0]
+    names = set().union(*(t.column_names for t in parts))
+    arrays, fields = [], []
+    for name in [*FIXED_COLUMNS, *sorted(names - set(FIXED_COLUMNS))]:
+        cols = [t.column(name) if name in t.column_names else None for t in parts]
+        types = {c.type for c in cols if c is not None and c.type != pa.null()}
+        if len(types) > 1:
+            vals = [v for t, c in zip(parts, cols) for v in (c.to_pylist() if c is not None else [None] * t.num_rows)]
+            typ, vals = _column_type(name, vals)
+            arr = pa.chunked_array([pa.array(vals, type=typ)])
+        else:
+            typ = types.pop() if types else (pa.string() if name.startswith("split_") else pa.null())
+            arr = pa.chunked_array([ch for t, c in zip(parts, cols)
+                                    for ch in (c.cast(typ).chunks if c is not None else [pa.nulls(t.num_rows, typ)])], type=typ)
+        arrays.append(arr)
+        fields.append(pa.field(name, typ, nullable=name == "source_file") if name in FIXED_COLUMNS else pa.field(name, typ))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields)).combine_chunks()
+
+
 def split_names(table: pa.Table) -> list[str]:
     return sorted(c[len("split_"):] for c in table.column_names if c.startswith("split_"))
 
@@ -211,9 +236,3 @@ def evaluate_where(table: pa.Table, expr: str) -> np.ndarray:
     if isinstance(mask, pa.ChunkedArray) and mask.num_chunks == 0:
         return np.zeros(len(table), dtype=bool)
     return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
-
-
-def rows_from_table(table: pa.Table) -> Iterable[dict[str, Any]]:
-    """Row dicts of a manifest table with null fields dropped (the writer's input form)."""
-    for r in table.to_pylist():
-        yield {k: v for k, v in r.items() if v is not None or k in FIXED_COLUMNS}

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
-from mtscale.data.manifest import checksum_bytes
+from mtscale.data.manifest import build_manifest, checksum_bytes, concat_manifests
 from mtscale.data.store import Store, StoreWriter, format_info, merge_stores, write_store
 from mtscale.errors import ConfigError, StoreError
 
@@ -362,3 +362,38 @@ def test_direct_read_of_damaged_shard_index_is_a_store_error(tmp_path: Path):
     s.read_frames(0, 100)  # shard 0 is intact
     with pytest.raises(StoreError, match="checksum"):
         s.read_frames(130, 140)
+
+
+def _row(i: int, **fields) -> dict:
+    return {"sample_id": f"s{i}", "offset": 10 * i, "length": 10, "label": i % 3, "source_file": None,
+            "num_bodies": 1, "checksum": "0" * 32, **fields}
+
+
+def test_concat_manifests_types_like_one_build() -> None:
+    """Parts typed on their own (int vs float, a column absent, an all-null split) concatenate to
+    exactly the table build_manifest gives for all rows at once."""
+    parts = [
+        [_row(0, score=1, view=2), _row(1, score=2)],
+        [_row(2, score=0.5, split_x="train"), _row(3, note="a")],
+        [_row(4, view=None, split_x=None)],
+    ]
+    whole = build_manifest([r for p in parts for r in p])
+    got = concat_manifests([build_manifest(p) for p in parts])
+    assert got.schema == whole.schema
+    assert got.to_pylist() == whole.to_pylist()
+    assert got.schema.field("score").type == whole.schema.field("score").type  # float64 across parts
+
+
+def test_multi_shard_manifest_matches_rows(tmp_path: Path) -> None:
+    """Rows sealed per shard: the published manifest has every sample, in order, with its fields."""
+    rng = np.random.default_rng(0)
+    samples = [(f"id{i}", rng.standard_normal((int(rng.integers(3, 9)), 1, 25, 3)).astype(np.float32), i % 4,
+                {"source_file": f"f{i}", "extra": i if i < 20 else float(i)}) for i in range(60)]
+    st = write_store(str(tmp_path / "s"), samples, layout="ntu25", num_bodies=1, chunk_frames=8, shard_chunks=2)
+    m = st.manifest
+    assert m.column("sample_id").to_pylist() == [s[0] for s in samples]
+    assert m.column("extra").to_pylist() == [float(i) for i in range(60)]
+    assert m.column("label").to_pylist() == [i % 4 for i in range(60)]
+    assert st.attrs["num_classes"] == 4
+    lengths = m.column("length").to_pylist()
+    assert m.column("offset").to_pylist() == list(np.cumsum([0] + lengths[:-1]))
