@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SETTINGS = {
     # samples, classes, pre-training steps (batch 32), linear-probe epochs, semi epochs
-    "quick": dict(num_samples=600, num_classes=8, pretrain_steps=150, linear_epochs=30, semi_epochs=15),
-    "full": dict(num_samples=3000, num_classes=12, pretrain_steps=1500, linear_epochs=50, semi_epochs=40),
+    "quick": dict(num_samples=600, num_classes=8, pretrain_steps=150, linear_epochs=100, semi_epochs=15),
+    "full": dict(num_samples=3000, num_classes=12, pretrain_steps=1500, linear_epochs=100, semi_epochs=40),
 }
 MODEL = ["model.size=tiny", "model.dim=96", "model.depth=3", "model.heads=4", "model.tokenization=patch",
          "model.patch_frames=4"]
@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--objective", default="masked_motion", choices=["masked_motion", "masked_recon", "motion_flow"],
                     help="pre-training objective (motion_flow uses mask ratio 0.5, the others 0.9)")
     ap.add_argument("--pretrain-steps", type=int, default=None, help="override the setting's pre-training steps")
+    ap.add_argument("--norm-target", default="global", choices=["token", "global", "none"],
+                    help="target normalisation of the objective (objective.norm_target)")
     a = ap.parse_args(argv)
     s = dict(SETTINGS["quick" if a.quick else "full"])
     if a.pretrain_steps:
@@ -97,14 +99,15 @@ def main(argv: list[str] | None = None) -> int:
                 "train.batch_size=32", "train.lr=1.5e-3", "train.warmup_steps=10", "train.ckpt_every=100000",
                 "train.log_every=25", "run.progress=false", "run.tensorboard=false", f"train.seed={a.seed}",
                 f"objective.kind={a.objective}", f"objective.mask_ratio={0.5 if a.objective == 'motion_flow' else 0.9}",
-                "objective.masking=motion_aware",
+                "objective.masking=motion_aware", f"objective.norm_target={a.norm_target}",
                 "objective.decoder_dim=64", "objective.decoder_depth=1", "objective.decoder_heads=4", *DATA, *MODEL]
         cmd = [py, "-m", "mtscale.pretrain", "--config", str(ROOT / "configs" / "pretrain" / "tiny_cpu.yaml")]
         t_pre = sh(cmd + [x for kv in sets for x in ("--set", kv)], work / "pretrain.log")
     print(f"  pre-training: {t_pre:.0f} s", flush=True)
     enc = str(pre / "encoder.safetensors")
     seed = [f"train.seed={a.seed}"]
-    lin = ["protocol=linear", f"epochs={s['linear_epochs']}", "warmup_epochs=1", "train.lr=0.01",
+    # a converged probe (lr 0.01 x 30 epochs left the random-init probe at 84.7 % where it can reach 98.6 %)
+    lin = ["protocol=linear", f"epochs={s['linear_epochs']}", "warmup_epochs=1", "train.lr=0.1",
            "train.weight_decay=0.0", "train.batch_size=32", *seed]
     # the random-init probe: the same linear-probe code path on a scratch encoder, frozen
     rnd = _random_encoder(work, pre)
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "semi10_gain_points": r_ft["test_top1"] - r_scr["test_top1"],
         "chance_top1": 100.0 / s["num_classes"], "num_test": r_ft["test"], "num_train_semi10": r_ft["train"],
         "pretrain_wall_s": t_pre, "wall_s": time.perf_counter() - t_all, "cpu_s_this_process": time.process_time() - c_all,
-        "quick": bool(a.quick), "objective": a.objective, **{f"setting_{k}": v for k, v in s.items()},
+        "quick": bool(a.quick), "objective": a.objective, "norm_target": a.norm_target, **{f"setting_{k}": v for k, v in s.items()},
         "hardware": _hardware(), "torch": _torch_version(), "workdir": str(work),
     }
     out["linear_target_met"] = out["linear_gain_points"] >= 20.0

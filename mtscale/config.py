@@ -144,8 +144,11 @@ class ObjectiveConfig:
     decoder_dim: int = 256
     decoder_depth: int = 3
     decoder_heads: int = 8
-    norm_target: bool = True
-    """Normalise each token's target (mean 0, var 1 over its features), as MAMP / MAE do."""
+    norm_target: str = "token"
+    """``token``: normalise each token's target (mean 0, var 1 over its features), as MAMP / MAE
+    do; ``global``: divide all targets by one scale, their RMS over the batch's loss tokens (keeps
+    which joints move and by how much: per-token normalisation turns the motion of a still joint
+    into unit-variance sensor noise); ``none``: raw targets (metres)."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("motion_flow", "masked_motion", "masked_recon"):
@@ -154,6 +157,8 @@ class ObjectiveConfig:
             )
         if self.masking not in ("random", "motion_aware"):
             raise ConfigError(f"objective.masking: found {self.masking!r}, expected random|motion_aware")
+        if self.norm_target not in ("token", "global", "none"):
+            raise ConfigError(f"objective.norm_target: found {self.norm_target!r}, expected token|global|none")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"objective.mask_ratio: found {self.mask_ratio}, expected in (0, 1)")
 

@@ -155,8 +155,12 @@ class PretrainModel(nn.Module):
 
         w_BL = masked_BL if valid_BL is None else masked_BL & valid_BL
         w_BL = w_BL & body_present(x_NTMVC, mask_NT, enc.bodies_folded)[:, None]
-        if self.cfg.norm_target:
+        if self.cfg.norm_target == "token":
             target_BLK = normalise_tokens(target_BLK)
+        elif self.cfg.norm_target == "global":  # one scale: the RMS over the loss tokens
+            wf = w_BL[..., None].to(target_BLK.dtype)
+            ms = (target_BLK.detach().square() * wf).sum() / (wf.sum() * target_BLK.shape[-1]).clamp_min(1.0)
+            target_BLK = target_BLK / (ms + 1e-12).sqrt()
         err_BL = F.mse_loss(pred_BLK.float(), target_BLK.float(), reduction="none").mean(dim=-1)
         w_NX = w_BL.reshape(N, -1).to(err_BL.dtype)
         loss_N = (err_BL.reshape(N, -1) * w_NX).sum(1) / w_NX.sum(1).clamp_min(1.0)

@@ -269,3 +269,36 @@ def test_motion_aware_scores_do_not_depend_on_motion_units():
         high = motion >= motion.median(dim=-1, keepdim=True).values
         hits.append(high.gather(1, idx).double().mean())
     assert torch.stack(hits).mean() > 0.6
+
+
+@pytest.mark.parametrize("kind", ["masked_motion", "masked_recon"])
+def test_global_target_norm_keeps_relative_scale(kind: str) -> None:
+    """norm_target=global divides every target by one RMS: a zero prediction scores exactly 1 at
+    any data scale, and a sample moving 10x more keeps ~100x the squared error, where per-token
+    normalisation makes the two samples' targets alike."""
+    def zero_pred_model(norm: str) -> PretrainModel:
+        torch.manual_seed(0)
+        m = build_pretrain_model(
+            ModelConfig(size="tiny", tokenization="patch", patch_frames=4),
+            ObjectiveConfig(kind=kind, mask_ratio=0.75, masking="random", decoder_dim=32, decoder_depth=1,
+                            decoder_heads=4, norm_target=norm),
+            clip_frames=T, num_bodies=1, num_joints=V)
+        torch.nn.init.zeros_(m.decoder_pred.weight)
+        torch.nn.init.zeros_(m.decoder_pred.bias)
+        return m
+
+    x = smooth_batch(2)[:, :, :1]
+    x = x - x.mean(dim=1, keepdim=True)  # no static offset: both kinds' targets scale with the motion
+    x[1] = x[0] * 10.0  # sample 1: the same movement, 10x larger
+    same_mask = torch.zeros(2, dtype=torch.int64)  # equal sample keys: the same hidden tokens
+    g = zero_pred_model("global")
+    for scale in (1.0, 100.0):
+        loss, met = g(x * scale, None, same_mask, step=0, seed=0, per_sample=True)
+        assert loss.item() == pytest.approx(1.0, rel=1e-4)
+    per = met["per_sample_loss"]
+    assert (per[1] / per[0]).item() == pytest.approx(100.0, rel=1e-3)
+    _, met_tok = zero_pred_model("token")(x, None, same_mask, step=0, seed=0, per_sample=True)
+    per_tok = met_tok["per_sample_loss"]
+    assert (per_tok[1] / per_tok[0]).item() == pytest.approx(1.0, rel=1e-3)
+    with pytest.raises(ConfigError, match="norm_target"):
+        ObjectiveConfig(norm_target="layer")
