@@ -72,10 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--objective", default="masked_motion", choices=["masked_motion", "masked_recon", "motion_flow"],
                     help="pre-training objective (motion_flow uses mask ratio 0.5, the others 0.9)")
     ap.add_argument("--pretrain-steps", type=int, default=None, help="override the setting's pre-training steps")
+    ap.add_argument("--tokenization", default="patch", choices=["patch", "frame"],
+                    help="encoder tokens: patch (4 frames x 1 joint, MAMP) or frame (Motion-Transformer)")
+    ap.add_argument("--mask-ratio", type=float, default=None,
+                    help="objective.mask_ratio (default 0.9, 0.5 for motion_flow)")
     ap.add_argument("--norm-target", default="global", choices=["token", "global", "none"],
                     help="target normalisation of the objective (objective.norm_target)")
     a = ap.parse_args(argv)
     s = dict(SETTINGS["quick" if a.quick else "full"])
+    MODEL[MODEL.index("model.tokenization=patch")] = f"model.tokenization={a.tokenization}"
     if a.pretrain_steps:
         s["pretrain_steps"] = a.pretrain_steps
     import tempfile
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         sets = [f"data.store={store}", f"run.dir={pre}", f"train.max_steps={s['pretrain_steps']}",
                 "train.batch_size=32", "train.lr=1.5e-3", "train.warmup_steps=10", "train.ckpt_every=100000",
                 "train.log_every=25", "run.progress=false", "run.tensorboard=false", f"train.seed={a.seed}",
-                f"objective.kind={a.objective}", f"objective.mask_ratio={0.5 if a.objective == 'motion_flow' else 0.9}",
+                f"objective.kind={a.objective}", f"objective.mask_ratio={a.mask_ratio or (0.5 if a.objective == 'motion_flow' else 0.9)}",
                 "objective.masking=motion_aware", f"objective.norm_target={a.norm_target}",
                 "objective.decoder_dim=64", "objective.decoder_depth=1", "objective.decoder_heads=4", *DATA, *MODEL]
         cmd = [py, "-m", "mtscale.pretrain", "--config", str(ROOT / "configs" / "pretrain" / "tiny_cpu.yaml")]
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "semi10_gain_points": r_ft["test_top1"] - r_scr["test_top1"],
         "chance_top1": 100.0 / s["num_classes"], "num_test": r_ft["test"], "num_train_semi10": r_ft["train"],
         "pretrain_wall_s": t_pre, "wall_s": time.perf_counter() - t_all, "cpu_s_this_process": time.process_time() - c_all,
-        "quick": bool(a.quick), "objective": a.objective, "norm_target": a.norm_target, **{f"setting_{k}": v for k, v in s.items()},
+        "quick": bool(a.quick), "objective": a.objective, "norm_target": a.norm_target, "mask_ratio": a.mask_ratio, "tokenization": a.tokenization, **{f"setting_{k}": v for k, v in s.items()},
         "hardware": _hardware(), "torch": _torch_version(), "workdir": str(work),
     }
     out["linear_target_met"] = out["linear_gain_points"] >= 20.0
