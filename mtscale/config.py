@@ -148,7 +148,8 @@ class ObjectiveConfig:
     """``token``: normalise each token's target (mean 0, var 1 over its features), as MAMP / MAE
     do; ``global``: divide all targets by one scale, their RMS over the batch's loss tokens (keeps
     which joints move and by how much: per-token normalisation turns the motion of a still joint
-    into unit-variance sensor noise); ``none``: raw targets (metres)."""
+    into unit-variance sensor noise; the scale is per micro-batch, so unlike ``token`` the loss is
+    not exactly additive across ranks); ``none``: raw targets (metres)."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("motion_flow", "masked_motion", "masked_recon"):

@@ -95,7 +95,7 @@ def gather_clips(
         rows1 = (np.asarray(base, dtype=np.int64)[:, None] + i1).reshape(-1)
         w_t = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32).reshape(-1, 1))
         # per block of samples: one gather of both interpolation ends, one cast to float32, one
-        # lerp into the output -- the block's intermediates stay in cache (~1.7x over whole-batch
+        # lerp into the output -- the block's intermediates stay in cache (~1.4x over whole-batch
         # passes, which are memory-bound)
         step = GATHER_BLOCK * t
         for a in range(0, n * t, step):

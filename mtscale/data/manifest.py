@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import logging
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa

@@ -124,7 +124,8 @@ class StoreWriter:
                  for part in range(progress["parts"])]
         n_rows, n_frames = progress["rows"], progress["frames"]
         n_saved = sum(t.num_rows for t in parts)
-        last = parts[-1].slice(parts[-1].num_rows - 1).to_pylist()[0] if n_saved else None
+        tail_part = next((t for t in reversed(parts) if t.num_rows), None)
+        last = tail_part.slice(tail_part.num_rows - 1).to_pylist()[0] if tail_part is not None else None
         if n_saved != n_rows or (last and last["offset"] + last["length"] != n_frames):
             raise StoreError(f"{self.work_url}/{PROGRESS}: {n_saved} rows saved, expected {n_rows}; delete {self.work_url} to start over")
         self._parts, self._sealed = parts, n_rows
