@@ -32,8 +32,8 @@ SETTINGS = {
     "quick": dict(num_samples=600, num_classes=8, pretrain_steps=150, linear_epochs=100, semi_epochs=15),
     "full": dict(num_samples=3000, num_classes=12, pretrain_steps=1500, linear_epochs=100, semi_epochs=40),
 }
-MODEL = ["model.size=tiny", "model.dim=96", "model.depth=3", "model.heads=4", "model.tokenization=patch",
-         "model.patch_frames=4"]
+MODEL = ["model.size=tiny", "model.dim=96", "model.depth=3", "model.heads=4", "model.patch_frames=4"]
+"""The encoder of every run; ``--tokenization`` adds ``model.tokenization``."""
 DATA = ["data.clip_frames=32", "data.num_bodies=2", "data.split=xsub60", "data.part=train", "data.num_workers=0",
         "data.crop_min=0.5", "data.crop_max=1.0", "data.augment.rotate_deg=15", "data.augment.scale=0.1"]
 
@@ -48,13 +48,13 @@ def sh(args: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def finetune(name: str, work: Path, store: str, sets: list[str]) -> dict:
+def finetune(name: str, work: Path, store: str, model: list[str], sets: list[str]) -> dict:
     from mtscale.config import FinetuneConfig, load_config
     from mtscale.train.finetune_loop import run_finetune
 
     cfg = load_config(FinetuneConfig, ROOT / "configs" / "finetune" / "tiny_cpu.yaml",
                       [f"data.store={store}", f"run.dir={work / name}", "run.progress=false",
-                       "run.tensorboard=false", "keep_best=false", *DATA, *MODEL, *sets])
+                       "run.tensorboard=false", "keep_best=false", *DATA, *model, *sets])
     t0 = time.perf_counter()
     res = run_finetune(cfg)
     res["wall_s"] = time.perf_counter() - t0
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="target normalisation of the objective (objective.norm_target)")
     a = ap.parse_args(argv)
     s = dict(SETTINGS["quick" if a.quick else "full"])
-    MODEL[MODEL.index("model.tokenization=patch")] = f"model.tokenization={a.tokenization}"
+    model = [*MODEL, f"model.tokenization={a.tokenization}"]
     if a.pretrain_steps:
         s["pretrain_steps"] = a.pretrain_steps
     import tempfile
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 "train.log_every=25", "run.progress=false", "run.tensorboard=false", f"train.seed={a.seed}",
                 f"objective.kind={a.objective}", f"objective.mask_ratio={a.mask_ratio or (0.5 if a.objective == 'motion_flow' else 0.9)}",
                 "objective.masking=motion_aware", f"objective.norm_target={a.norm_target}",
-                "objective.decoder_dim=64", "objective.decoder_depth=1", "objective.decoder_heads=4", *DATA, *MODEL]
+                "objective.decoder_dim=64", "objective.decoder_depth=1", "objective.decoder_heads=4", *DATA, *model]
         cmd = [py, "-m", "mtscale.pretrain", "--config", str(ROOT / "configs" / "pretrain" / "tiny_cpu.yaml")]
         t_pre = sh(cmd + [x for kv in sets for x in ("--set", kv)], work / "pretrain.log")
     print(f"  pre-training: {t_pre:.0f} s", flush=True)
@@ -116,13 +116,13 @@ def main(argv: list[str] | None = None) -> int:
            "train.weight_decay=0.0", "train.batch_size=32", *seed]
     # the random-init probe: the same linear-probe code path on a scratch encoder, frozen
     rnd = _random_encoder(work, pre)
-    r_lin_pre = finetune("linear_pretrained", work, store, lin + [f"pretrained={enc}"])
-    r_lin_rnd = finetune("linear_random", work, store, lin + [f"pretrained={rnd}"])
+    r_lin_pre = finetune("linear_pretrained", work, store, model, lin + [f"pretrained={enc}"])
+    r_lin_rnd = finetune("linear_random", work, store, model, lin + [f"pretrained={rnd}"])
     semi = [f"epochs={s['semi_epochs']}", "warmup_epochs=1", "data.label_fraction=0.1", "train.batch_size=8",
             "val_fraction=0.1", *seed]
-    r_ft = finetune("semi10_pretrained", work, store, semi + ["protocol=semi", f"pretrained={enc}",
+    r_ft = finetune("semi10_pretrained", work, store, model, semi + ["protocol=semi", f"pretrained={enc}",
                                                                "layer_decay=0.75", "train.lr=1.0e-3"])
-    r_scr = finetune("semi10_scratch", work, store, semi + ["protocol=scratch", "layer_decay=1.0", "train.lr=1.0e-3"])
+    r_scr = finetune("semi10_scratch", work, store, model, semi + ["protocol=scratch", "layer_decay=1.0", "train.lr=1.0e-3"])
 
     out = {
         "linear_pretrained_top1": r_lin_pre["test_top1"], "linear_random_top1": r_lin_rnd["test_top1"],

@@ -84,6 +84,11 @@ def _column_type(name: str, values: list[Any]) -> tuple[pa.DataType, list[Any]]:
     return pa.string(), [None if v is None else str(v) for v in values]
 
 
+def _field(name: str, typ: pa.DataType) -> pa.Field:
+    """Schema field of a manifest column: fixed columns are non-null except ``source_file``."""
+    return pa.field(name, typ, nullable=name not in FIXED_COLUMNS or name == "source_file")
+
+
 def build_manifest(rows: list[dict[str, Any]]) -> pa.Table:
     """Typed manifest table from row dicts (each has the fixed columns plus any fields)."""
     names: set[str] = set()
@@ -95,11 +100,11 @@ def build_manifest(rows: list[dict[str, Any]]) -> pa.Table:
     arrays, fields = [], []
     for name, typ in FIXED_COLUMNS.items():
         arrays.append(pa.array([r.get(name) for r in rows], type=typ))
-        fields.append(pa.field(name, typ, nullable=name == "source_file"))
+        fields.append(_field(name, typ))
     for name in sorted(names - set(FIXED_COLUMNS)):
         typ, vals = _column_type(name, [r.get(name) for r in rows])
         arrays.append(pa.array(vals, type=typ))
-        fields.append(pa.field(name, typ))
+        fields.append(_field(name, typ))
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
@@ -124,7 +129,7 @@ def concat_manifests(parts: list[pa.Table]) -> pa.Table:
             arr = pa.chunked_array([ch for t, c in zip(parts, cols)
                                     for ch in (c.cast(typ).chunks if c is not None else [pa.nulls(t.num_rows, typ)])], type=typ)
         arrays.append(arr)
-        fields.append(pa.field(name, typ, nullable=name == "source_file") if name in FIXED_COLUMNS else pa.field(name, typ))
+        fields.append(_field(name, typ))
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields)).combine_chunks()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime as _dt
+import functools
 import json
 import logging
 import os
@@ -331,19 +332,19 @@ def release_free_memory() -> None:
     threshold raised by those frees later per-file arrays fragment the heap, so a long
     ``prepare`` grew by ~40 MB per 1,000 files. One call per shard written (~1,000 files) keeps
     the resident size flat for the cost of a few page faults."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        _MALLOC_TRIM = False
-        if sys.platform.startswith("linux"):
-            try:
-                _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
-            except (OSError, AttributeError):
-                pass
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_MALLOC_TRIM = None
+@functools.cache
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _parquet_bytes(table) -> bytes:

@@ -45,21 +45,26 @@ def setup(tmp_path_factory):
     return store.url, ckpt, d
 
 
-def test_two_ranks_count_every_sample_once(setup):
-    store, ckpt, d = setup
-    one = evaluate_checkpoint(str(ckpt), store, split="demo", part="test", batch_size=4, out_dir=str(d / "one"),
-                              progress=False)
-    assert one["num_samples"] == NUM_TEST and one["num_ranks"] == 1
+def _evaluate_two_ranks(ckpt, store: str, out: Path, *args: str) -> dict:
+    """``mtscale.evaluate`` under ``torchrun`` with 2 processes; returns its JSON output."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     assert torchrun, "torchrun not found"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mtscale.evaluate",
-                        "--checkpoint", str(ckpt), "--store", store, "--split", "demo", "--part", "test",
-                        "--batch-size", "4", "--json", "--quiet", "--out", str(d / "two")],
+                        "--checkpoint", str(ckpt), "--store", store, "--split", "demo", *args,
+                        "--json", "--quiet", "--out", str(out)],
                        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    two = json.loads(r.stdout[r.stdout.index("{"):])
+    return json.loads(r.stdout[r.stdout.index("{"):])
+
+
+def test_two_ranks_count_every_sample_once(setup):
+    store, ckpt, d = setup
+    one = evaluate_checkpoint(str(ckpt), store, split="demo", part="test", batch_size=4, out_dir=str(d / "one"),
+                              progress=False)
+    assert one["num_samples"] == NUM_TEST and one["num_ranks"] == 1
+    two = _evaluate_two_ranks(ckpt, store, d / "two", "--part", "test", "--batch-size", "4")
     assert two["num_ranks"] == 2
     assert two["num_samples"] == NUM_TEST
     assert two["top1"] == pytest.approx(one["top1"], abs=1e-9)
@@ -70,12 +75,7 @@ def test_two_ranks_count_every_sample_once(setup):
     counts = [int(v) for line in cm1.splitlines()[1:] for v in line.split(",")[1:]]
     assert sum(counts) == NUM_TEST
     # multi-clip averaging under 2 ranks is exact as well
-    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mtscale.evaluate",
-                        "--checkpoint", str(ckpt), "--store", store, "--split", "demo", "--clips", "3",
-                        "--batch-size", "5", "--json", "--quiet", "--out", str(d / "clips")],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    three = json.loads(r.stdout[r.stdout.index("{"):])
+    three = _evaluate_two_ranks(ckpt, store, d / "clips", "--clips", "3", "--batch-size", "5")
     assert three["num_samples"] == NUM_TEST and three["clips"] == 3
     ref = evaluate_checkpoint(str(ckpt), store, split="demo", part="test", batch_size=5, clips=3,
                               out_dir=str(d / "clips1"), progress=False)
