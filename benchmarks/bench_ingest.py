@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             w = max(workers)
             res.update(prepare_4n_w1_rss_parent_mb=round(r4["rss_parent_mb"], 1),
                        prepare_4n_w1_mb_per_s=round(r4["mb_per_s"], 2),
+                       prepare_4n_w1_mb_per_cpu_s=round(r4["mb_per_cpu_s"], 2),
+                       **{f"prepare_4n_w{w}_mb_per_s": round(r4w["mb_per_s"], 2),
+                          f"scaling_4n_w{w}_over_w1": round(r4w["mb_per_s"] / r4["mb_per_s"], 2)},
                        rss_growth_4n_over_n_w1=round(r4["rss_parent_mb"] / res["prepare_w1_rss_parent_mb"], 3),
                        **{f"prepare_4n_w{w}_rss_tree_mb": round(r4w["rss_tree_mb"], 1),
                           f"rss_growth_4n_over_n_w{w}": round(r4w["rss_tree_mb"] / res[f"prepare_w{w}_rss_tree_mb"], 3)})

@@ -48,14 +48,16 @@ def _codec() -> BloscCodec:
 class StoreWriter:
     """Appends samples to a new store at ``url``; ``close()`` publishes it and returns it opened.
 
-    ``x_TMVC`` arrays are cast to ``dtype`` and zero-padded to ``num_bodies`` bodies. Memory
+    ``x_TMVC`` arrays are cast to ``dtype`` and zero-padded to ``num_bodies`` bodies;
+    ``compress=False`` writes raw chunks (scratch stores that are read once, like the parts of a
+    parallel ``prepare``: no encode there, no decode in the merge). Memory
     holds at most one shard of frames (``chunk_frames * shard_chunks``), the manifest rows of
     that shard as dicts, the earlier ones as compact pyarrow parts, and the set of sample ids.
     """
 
     def __init__(self, url: str, *, layout: str, num_bodies: int, dtype: str = "float16",
                  attrs: dict | None = None, chunk_frames: int = 4096, shard_chunks: int = 16,
-                 resume_key: dict | None = None):
+                 resume_key: dict | None = None, compress: bool = True):
         if dtype not in ("float16", "float32"):
             raise ValueError(f"dtype: found {dtype!r}, expected 'float16' or 'float32'")
         if chunk_frames < 1 or shard_chunks < 1 or num_bodies < 1:
@@ -65,13 +67,14 @@ class StoreWriter:
         self.num_bodies, self.dtype = int(num_bodies), np.dtype(dtype)
         self.chunk_frames, self.shard_frames = int(chunk_frames), int(chunk_frames) * int(shard_chunks)
         self.resume_key = json.loads(json.dumps(resume_key)) if resume_key is not None else None
+        self.compress = bool(compress)
         self.resumed: dict | None = None
         """The caller's state at the commit point resumed from (None: a fresh start)."""
         self.attrs: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION, "layout": self.layout.name, "num_bodies": self.num_bodies,
             "dtype": dtype, "units": "m", "format": None, "preprocessing": None, "class_names": None,
             "num_classes": None, "chunk_frames": self.chunk_frames, "shard_frames": self.shard_frames,
-            "compressor": COMPRESSOR, "mtscale_version": mtscale.__version__,
+            "compressor": COMPRESSOR if compress else "none", "mtscale_version": mtscale.__version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         self.attrs.update(attrs or {})
@@ -164,10 +167,12 @@ class StoreWriter:
         return self._num_frames
 
     def append(self, sample_id: str, x_TMVC: np.ndarray, label: int, fields: dict,
-               checksum: str | None = None) -> None:
+               checksum: str | None = None, num_bodies: int | None = None) -> None:
         """Add one sample (T, M<=num_bodies, V, C). ``fields`` are scalar manifest columns
         (``source_file`` and ``split_<name>`` included). ``checksum`` may be precomputed by
-        ``manifest.checksum_bytes`` on the array exactly as stored (cast and padded)."""
+        ``manifest.checksum_bytes`` on the array exactly as stored (cast and padded), and with
+        it ``num_bodies`` (its non-zero bodies): the array is then taken as already checked
+        (finite, stored dtype), as when copying from another store."""
         if self._closed:
             raise RuntimeError("append after close")
         x = np.asarray(x_TMVC)
@@ -187,11 +192,13 @@ class StoreWriter:
         if x.dtype != self.dtype or not x.flags.c_contiguous:
             with np.errstate(over="ignore"):  # overflow shows up as inf, refused just below
                 x, checksum = np.ascontiguousarray(x, dtype=self.dtype), None
-        if not np.isfinite(x).all():
-            raise ValueError(f"sample {sample_id!r}: non-finite values as {self.dtype}, expected finite coordinates")
+        if checksum is None or num_bodies is None:
+            if not np.isfinite(x).all():
+                raise ValueError(f"sample {sample_id!r}: non-finite values as {self.dtype}, expected finite coordinates")
+            num_bodies = count_bodies(x)
         fields = clean_fields(fields)
         row = {"sample_id": sample_id, "offset": self._num_frames, "length": int(x.shape[0]), "label": int(label),
-               "source_file": fields.pop("source_file", None), "num_bodies": count_bodies(x),
+               "source_file": fields.pop("source_file", None), "num_bodies": int(num_bodies),
                "checksum": checksum or checksum_bytes(x), **fields}
         self._rows.append(row)
         self._ids.add(sample_id)
@@ -230,7 +237,7 @@ class StoreWriter:
             self._frames = self._group.create_array(
                 FRAMES, shape=(0, M, V, num_coords), dtype=self.dtype,
                 chunks=(self.chunk_frames, M, V, num_coords), shards=(self.shard_frames, M, V, num_coords),
-                compressors=_codec(), fill_value=0, dimension_names=("T", "M", "V", "C"),
+                compressors=_codec() if self.compress else None, fill_value=0, dimension_names=("T", "M", "V", "C"),
             )
         return self._frames
 

@@ -217,3 +217,79 @@ def test_nothing_ingestable(tmp_path: Path):
     with pytest.raises(BadInputError, match="no sample could be ingested from 1 units"):
         P.prepare("ntu", str(d), str(tmp_path / "out"), PrepareOptions(), progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+# ---------------------------------------------------------------- the parallel path (parts + merge)
+
+
+def test_part_ranges_cover_units_and_ignore_workers():
+    for n in (1, 15, 16, 17, 33, 1200, 56880, 114480):
+        r = P.part_ranges(n)
+        assert r[0][0] == 0 and r[-1][1] == n and all(a < b and b == c for (a, b), (c, _) in zip(r, r[1:] + [(n, n)]))
+        assert len(r) <= 32 or r[0][1] - r[0][0] == 2048
+    assert len(P.part_ranges(1200)) == 32 and P.part_ranges(20) == [(0, 16), (16, 20)]
+
+
+def _messy_input(syn_dir: Path, d: Path) -> None:
+    """6 good + 3 bad files, then all 24 again in a sub-folder (6 of them repeat ids of the
+    first 6): 33 units, 3 parts, duplicates across parts."""
+    _bad_inputs(syn_dir, d)
+    (d / "sub").mkdir()
+    for f in sorted(syn_dir.glob("*.skeleton")):
+        shutil.copy(f, d / "sub" / f.name)
+
+
+def test_parallel_equals_single_on_messy_input(syn_dir: Path, tmp_path: Path):
+    _messy_input(syn_dir, tmp_path / "in")
+    one = P.prepare("ntu", str(tmp_path / "in"), str(tmp_path / "one"), PrepareOptions(), workers=1, progress=False, **SMALL)
+    two = P.prepare("ntu", str(tmp_path / "in"), str(tmp_path / "two"), PrepareOptions(), workers=2, progress=False, **SMALL)
+    assert one["num_samples"] == two["num_samples"] == NUM_FILES and one["num_skipped"] == two["num_skipped"] == 9
+    assert one["input_bytes"] == two["input_bytes"]
+    a, b = Store.open(one["out"]), Store.open(two["out"])
+    assert_same_store(b, a)
+    assert a.attrs["ingest"] == b.attrs["ingest"]
+    rep = [sorted(json.dumps(json.loads(x), sort_keys=True) for x in Path(s["report"]).read_text().splitlines())
+           for s in (one, two)]
+    assert rep[0] == rep[1] and sum("duplicate sample_id" in r for r in rep[0]) == 6
+    assert not (tmp_path / "two.parts").exists() and not (tmp_path / "two.partial").exists()
+
+
+def test_parallel_strict_keeps_parts_then_resumes_with_other_workers(syn_dir: Path, reference: Store, tmp_path: Path):
+    d = tmp_path / "in"
+    d.mkdir()
+    for f in sorted(syn_dir.glob("*.skeleton")):
+        shutil.copy(f, d / f.name)
+    bad = d / "S050C001P001R001A001.skeleton"  # sorts last: in the second part
+    bad.write_text("3\n1\n")
+    out = tmp_path / "out"
+    with pytest.raises(BadInputError, match=r"S050C001P001R001A001\.skeleton"):
+        P.prepare("ntu", str(d), str(out), PrepareOptions(), workers=2, strict=True, progress=False, **SMALL)
+    assert not out.exists() and (tmp_path / "out.parts" / "part-00000" / "manifest.parquet").is_file()
+    assert (tmp_path / "out.parts" / "part-00001.partial").is_dir()
+    bad.unlink()  # a different input listing: the finished part refuses to be reused
+    with pytest.raises(StoreError, match="another prepare"):
+        P.prepare("ntu", str(d), str(out), PrepareOptions(), workers=1, progress=False, **SMALL)
+    bad.write_text("3\n1\n")
+    s = P.prepare("ntu", str(d), str(out), PrepareOptions(), workers=1, progress=False, **SMALL)  # parts exist: resumed
+    assert s["units_resumed"] >= 16 and s["num_samples"] == NUM_FILES and s["num_skipped"] == 1
+    assert_same_store(Store.open(out), reference)
+
+
+_KILL_PARALLEL = _KILL_SCRIPT.replace("workers=1", "workers=2").replace(
+    "P.process_unit = slow", "P.process_unit = slow\nimport multiprocessing as mp\nP._pool_context = lambda: mp.get_context('fork')  # workers inherit the slow-down")
+
+
+def test_parallel_resume_after_sigkill(syn_dir: Path, reference: Store, tmp_path: Path):
+    out = tmp_path / "st"
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_PARALLEL, str(syn_dir), str(out)], start_new_session=True)
+    first = tmp_path / "st.parts" / "part-00000.partial" / "_progress.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not first.exists():
+        time.sleep(0.02)
+    assert proc.poll() is None, "prepare finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the parent and its workers, as a node failure would
+    proc.wait()
+    assert not out.exists()
+    s = P.prepare("ntu", str(syn_dir), str(out), PrepareOptions(), workers=2, progress=False, **SMALL)
+    assert s["units_resumed"] > 0 and s["num_samples"] == NUM_FILES
+    assert_same_store(Store.open(out), reference)
