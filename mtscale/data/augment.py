@@ -84,50 +84,25 @@ class BatchAugment:
             a = a * s[:, None, None]
         return a
 
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, *, seed: int) -> torch.Tensor:
-        """Return the augmented batch (a new tensor; ``x`` (N, T, M, V, 3) is not modified)."""
+    def draw_map(self, n: int, m: int, gen: torch.Generator) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The first draws of a batch: per-sample 3x3 map ``a`` (N, 3, 3) float32 (None: no
+        rotation / scale / shear) and body sources ``src`` (N, M) int64 (output body b of
+        sample i is input body ``src[i, b]``; None: no swap drawn)."""
         cfg = self.cfg
-        if x.dim() != 5 or x.shape[-1] != 3:
-            raise ValueError(f"BatchAugment: found x of shape {tuple(x.shape)}, expected (N, T, M, V, 3)")
-        n, t, m, v, c = x.shape
-        gen = torch.Generator().manual_seed(int(seed))
-        dev = x.device
-        out = x
-        linear = bool(cfg.rotate_deg or cfg.shear or cfg.scale)
-        a = self.linear_params(n, gen) if linear else None  # (N, 3, 3) on the CPU
-        swap = perm = None
+        a = self.linear_params(n, gen).numpy() if (cfg.rotate_deg or cfg.shear or cfg.scale) else None
+        src = None
         if cfg.body_swap_p and m > 1:
-            swap = torch.rand(n, generator=gen) < cfg.body_swap_p  # (N,)
+            swap = (torch.rand(n, generator=gen) < cfg.body_swap_p).numpy()  # (N,)
             # M == 2: exchange the bodies; M > 2: a random permutation of them
-            perm = torch.tensor([1, 0]).expand(n, 2) if m == 2 else torch.argsort(torch.rand(n, m, generator=gen), dim=1)
-        kernel = _affine_cpu() if dev.type == "cpu" and x.dtype == torch.float32 and (linear or swap is not None) else None
-        if kernel is not None:  # one fused pass (module doc)
-            src = np.where(swap.numpy()[:, None], perm.numpy(), np.arange(m)[None, :]) if swap is not None \
-                else np.broadcast_to(np.arange(m), (n, m))
-            a_np = a.numpy() if a is not None else np.broadcast_to(np.eye(3, dtype=np.float32), (n, 3, 3))
-            out = torch.empty_like(x, memory_format=torch.contiguous_format)
-            kernel(x.contiguous().numpy(), np.ascontiguousarray(a_np, dtype=np.float32),
-                   np.ascontiguousarray(src, dtype=np.int64), out.numpy())
-            swap = None
-        elif linear:
-            a = a.to(device=dev, dtype=x.dtype)
-            # A @ X^T with the long axis last is a far faster bmm on CPU than X @ A^T
-            xt = x.reshape(n, t * m * v, c).transpose(1, 2).contiguous()  # (N, 3, P)
-            out = torch.bmm(a, xt).transpose(1, 2).reshape(n, t, m, v, c)
-        if swap is not None:
-            rows = torch.nonzero(swap).flatten()
-            if rows.numel():
-                if out is x:
-                    out = x.clone()
-                rows_d = rows.to(dev)
-                picked = out.index_select(0, rows_d)  # (S, T, M, V, C)
-                if m == 2:
-                    picked = picked.flip(2)
-                else:
-                    idx = perm[rows].to(dev)[:, None, :, None, None].expand(-1, t, m, v, c)
-                    picked = torch.gather(picked, 2, idx)
-                out.index_copy_(0, rows_d, picked)
+            perm = np.array([[1, 0]]) if m == 2 else torch.argsort(torch.rand(n, m, generator=gen), dim=1).numpy()
+            src = np.where(swap[:, None], perm, np.arange(m)[None, :]).astype(np.int64)
+        return a, src
+
+    def finish(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The draws after ``draw_map``, applied to the mapped batch: jitter, then time mask."""
+        cfg = self.cfg
+        n, t = out.shape[:2]
+        dev = out.device
         if cfg.jitter_std:
             dev_gen = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
             noise = torch.randn(out.shape, generator=dev_gen, device=dev, dtype=out.dtype)
@@ -139,9 +114,45 @@ class BatchAugment:
             tt = torch.arange(t, device=dev)
             hide = (tt[None] >= start[:, None]) & (tt[None] < start[:, None] + k)  # (N, T)
             out = out.masked_fill(hide[:, :, None, None, None], 0.0)
+        return out
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, *, seed: int) -> torch.Tensor:
+        """Return the augmented batch (a new tensor; ``x`` (N, T, M, V, 3) is not modified)."""
+        if x.dim() != 5 or x.shape[-1] != 3:
+            raise ValueError(f"BatchAugment: found x of shape {tuple(x.shape)}, expected (N, T, M, V, 3)")
+        n, t, m, v, c = x.shape
+        gen = torch.Generator().manual_seed(int(seed))
+        dev = x.device
+        a, src = self.draw_map(n, m, gen)
+        out = x
+        kernel = _affine_cpu() if dev.type == "cpu" and x.dtype == torch.float32 else None
+        if kernel is not None and (a is not None or src is not None):  # one fused pass (module doc)
+            out = torch.empty_like(x, memory_format=torch.contiguous_format)
+            kernel(x.contiguous().numpy(), identity_maps(n) if a is None else a,
+                   np.ascontiguousarray(np.broadcast_to(np.arange(m), (n, m))) if src is None else src, out.numpy())
+        else:
+            if a is not None:
+                a_t = torch.from_numpy(a).to(device=dev, dtype=x.dtype)
+                # A @ X^T with the long axis last is a far faster bmm on CPU than X @ A^T
+                xt = x.reshape(n, t * m * v, c).transpose(1, 2).contiguous()  # (N, 3, P)
+                out = torch.bmm(a_t, xt).transpose(1, 2).reshape(n, t, m, v, c)
+            if src is not None:
+                rows = np.flatnonzero((src != np.arange(m)).any(1))
+                if rows.size:
+                    if out is x:
+                        out = x.clone()
+                    rows_d = torch.from_numpy(rows).to(dev)
+                    idx = torch.from_numpy(src[rows]).to(dev)[:, None, :, None, None].expand(-1, t, m, v, c)
+                    out.index_copy_(0, rows_d, torch.gather(out.index_select(0, rows_d), 2, idx))
+        out = self.finish(out, gen)
         if out is x:
             out = x.clone()
         return out
+
+
+def identity_maps(n: int) -> np.ndarray:
+    return np.ascontiguousarray(np.broadcast_to(np.eye(3, dtype=np.float32), (n, 3, 3)))
 
 
 @functools.cache
