@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="encoder tokens: patch (4 frames x 1 joint, MAMP) or frame (Motion-Transformer)")
     ap.add_argument("--mask-ratio", type=float, default=None,
                     help="objective.mask_ratio (default 0.9, 0.5 for motion_flow)")
+    ap.add_argument("--posture", default="class", choices=["class", "shared"],
+                    help="synthetic data: classes differ in base pose and motion (class) or in motion only (shared)")
     ap.add_argument("--norm-target", default="global", choices=["token", "global", "none"],
                     help="target normalisation of the objective (objective.norm_target)")
     a = ap.parse_args(argv)
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     store = str(work / "store")
     if not (work / "store" / "manifest.parquet").exists():
         sh([py, "-m", "mtscale.cli", "synth", "--out", str(work / "raw"), "--num-samples", str(s["num_samples"]),
-            "--num-classes", str(s["num_classes"]), "--seed", str(a.seed), "--quiet"], work / "synth.log")
+            "--num-classes", str(s["num_classes"]), "--seed", str(a.seed), "--posture", a.posture, "--quiet"],
+           work / "synth.log")
         sh([py, "-m", "mtscale.cli", "prepare", "--format", "ntu", "--input", str(work / "raw"), "--out", store,
             "--quiet"], work / "prepare.log")
 
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "semi10_gain_points": r_ft["test_top1"] - r_scr["test_top1"],
         "chance_top1": 100.0 / s["num_classes"], "num_test": r_ft["test"], "num_train_semi10": r_ft["train"],
         "pretrain_wall_s": t_pre, "wall_s": time.perf_counter() - t_all, "cpu_s_this_process": time.process_time() - c_all,
-        "quick": bool(a.quick), "objective": a.objective, "norm_target": a.norm_target, "mask_ratio": a.mask_ratio, "tokenization": a.tokenization, **{f"setting_{k}": v for k, v in s.items()},
+        "quick": bool(a.quick), "posture": a.posture, "objective": a.objective, "norm_target": a.norm_target, "mask_ratio": a.mask_ratio, "tokenization": a.tokenization, **{f"setting_{k}": v for k, v in s.items()},
         "hardware": _hardware(), "torch": _torch_version(), "workdir": str(work),
     }
     out["linear_target_met"] = out["linear_gain_points"] >= 20.0

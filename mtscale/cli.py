@@ -19,7 +19,7 @@ def _cmd_synth(a: argparse.Namespace) -> int:
 
     summary = synthesize(
         a.out, num_samples=a.num_samples, num_classes=a.num_classes, seed=a.seed,
-        workers=a.workers, progress=not a.quiet,
+        workers=a.workers, progress=not a.quiet, posture=a.posture,
     )
     print(json.dumps(summary) if a.json else f"wrote {summary['num_files']} files to {a.out}")
     return 0
@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-classes", type=int, default=10)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--posture", default="class", choices=["class", "shared"],
+                   help="class: classes differ in base pose and motion; shared: in motion only")
     s.add_argument("--json", action="store_true")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_synth)

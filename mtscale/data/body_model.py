@@ -247,9 +247,21 @@ def action_spec(label: int) -> dict[str, Any]:
     return spec
 
 
-def angles(body: dict, gain: float, t_T: np.ndarray, u_T: np.ndarray, amp: float, phase: float) -> np.ndarray:
-    """(T, D) joint angles of one body for times t (s) and normalised times u."""
-    ang = np.zeros((len(t_T), D))
+def rest_posture(rng: np.random.Generator) -> np.ndarray:
+    """(D,) a performer's own resting angles, every DOF drawn from the range the classes' base
+    angles come from, whatever the class (``synthesize(posture="shared")``)."""
+    lo, hi = DOF_LIMITS[:, 0], DOF_LIMITS[:, 1]
+    return lo + (hi - lo) * rng.uniform(0.2, 0.5, size=D)
+
+
+def angles(body: dict, gain: float, t_T: np.ndarray, u_T: np.ndarray, amp: float, phase: float,
+           rest: np.ndarray | None = None) -> np.ndarray:
+    """(T, D) joint angles of one body for times t (s) and normalised times u. The moved DOFs
+    swing around the class's base angles, the others stay at 0; with ``rest`` (D,) every DOF
+    starts from ``rest`` instead (the class shows only in the motion)."""
+    if rest is not None:
+        body = dict(body, base=rest[body["dofs"]])
+    ang = np.zeros((len(t_T), D)) if rest is None else np.repeat(rest[None, :], len(t_T), axis=0)
     a = body["amp"] * gain * amp  # (d,)
     per = np.sin(2 * np.pi * body["freq"] * t_T[:, None] + body["phase"] + phase)
     s = np.clip((u_T[:, None] - body["t0"]) / body["width"], 0.0, 1.0)

@@ -67,7 +67,15 @@ def sample_name(i: int, num_classes: int) -> tuple[str, dict[str, int]]:
 # --------------------------------------------------------------------------- one batch
 
 
-def _plan(i: int, num_classes: int, seed: int, min_frames: int, max_frames: int) -> dict[str, Any]:
+POSTURES = ("class", "shared")
+"""``class``: each class has its own base angles on the DOFs it moves (the others at 0), so a
+static pose already tells classes apart; ``shared``: every sample starts from its own random
+rest pose (``body_model.rest_posture``, one distribution for all classes), so only the motion
+does -- the setting where motion pre-training has something to add (pay-off benchmark)."""
+
+
+def _plan(i: int, num_classes: int, seed: int, min_frames: int, max_frames: int,
+          posture: str = "class") -> dict[str, Any]:
     """Everything random about sample ``i`` (a pure function of its arguments). Rows (axis R)
     are the sample's body-frames in file order: frame-major, body-minor (R = T * M)."""
     stem, meta = sample_name(i, num_classes)
@@ -85,7 +93,8 @@ def _plan(i: int, num_classes: int, seed: int, min_frames: int, max_frames: int)
     x0 = np.empty((T, M, 3))
     bones, rots = [], []
     for b, body in enumerate(spec["bodies"]):
-        ang[:, b] = bm.angles(body, spec["gain"], t, u, amp, float(rng.uniform(-0.5, 0.5)))
+        rest = bm.rest_posture(np.random.default_rng([seed, i, 7, b])) if posture == "shared" else None
+        ang[:, b] = bm.angles(body, spec["gain"], t, u, amp, float(rng.uniform(-0.5, 0.5)), rest)
         ang[:, b] += bm.idle_motion(rng, T) * np.sqrt(speed)
         p = meta["performer"] if b == 0 else (meta["performer"] + 17) % NUM_PERFORMERS + 1
         bones.append(bm.performer_bones(p))
@@ -106,11 +115,12 @@ def _plan(i: int, num_classes: int, seed: int, min_frames: int, max_frames: int)
                 bones=np.stack(bones), rots=np.stack(rots), heads=heads)
 
 
-def render_chunk(indices: range, num_classes: int, seed: int, min_frames: int, max_frames: int) -> list[tuple[str, bytes]]:
+def render_chunk(indices: range, num_classes: int, seed: int, min_frames: int, max_frames: int,
+                 posture: str = "class") -> list[tuple[str, bytes]]:
     """(file stem, file bytes) of each sample; each a pure function of (i, num_classes, seed,
     frame range), whichever other samples share the batch. Forward kinematics and text
     formatting run once for all body-frames (rows, axis N) of the batch."""
-    plans = [_plan(i, num_classes, seed, min_frames, max_frames) for i in indices]
+    plans = [_plan(i, num_classes, seed, min_frames, max_frames, posture) for i in indices]
     body_of_row = np.concatenate([np.repeat(np.arange(p["M"]), p["T"]).reshape(p["M"], p["T"]).T.ravel()
                                   + k for p, k in zip(plans, np.cumsum([0] + [p["M"] for p in plans]))])
     bones_BV3 = np.concatenate([p["bones"] for p in plans])  # (B, V, 3), B = bodies of the batch
@@ -131,9 +141,10 @@ def render_chunk(indices: range, num_classes: int, seed: int, min_frames: int, m
     return out
 
 
-def render_sample(i: int, num_classes: int, seed: int, min_frames: int = 40, max_frames: int = 120) -> tuple[str, bytes]:
+def render_sample(i: int, num_classes: int, seed: int, min_frames: int = 40, max_frames: int = 120,
+                  posture: str = "class") -> tuple[str, bytes]:
     """(file stem, file bytes) of sample ``i`` alone (the same bytes ``synthesize`` writes)."""
-    return render_chunk(range(i, i + 1), num_classes, seed, min_frames, max_frames)[0]
+    return render_chunk(range(i, i + 1), num_classes, seed, min_frames, max_frames, posture)[0]
 
 
 # --------------------------------------------------------------------------- text
@@ -275,9 +286,9 @@ def format_fields(v: np.ndarray, dec: int) -> bytes:
 
 
 def _write_range(args: tuple) -> tuple[int, int]:
-    out_dir, start, stop, num_classes, seed, min_frames, max_frames = args
+    out_dir, start, stop, num_classes, seed, min_frames, max_frames, posture = args
     n_bytes = 0
-    for stem, data in render_chunk(range(start, stop), num_classes, seed, min_frames, max_frames):
+    for stem, data in render_chunk(range(start, stop), num_classes, seed, min_frames, max_frames, posture):
         path = os.path.join(out_dir, stem + ".skeleton")
         tmp = path + ".tmp"
         with open(tmp, "wb") as fh:
@@ -288,10 +299,12 @@ def _write_range(args: tuple) -> tuple[int, int]:
 
 
 def synthesize(out_dir: str, num_samples: int, num_classes: int, seed: int, workers: int = 1,
-               progress: bool = True, min_frames: int = 40, max_frames: int = 120) -> dict[str, Any]:
-    """Write ``num_samples`` synthetic NTU ``.skeleton`` files into ``out_dir``.
+               progress: bool = True, min_frames: int = 40, max_frames: int = 120,
+               posture: str = "class") -> dict[str, Any]:
+    """Write ``num_samples`` synthetic NTU ``.skeleton`` files into ``out_dir`` (``posture``:
+    see ``POSTURES``).
 
-    Returns {num_files, bytes, num_classes, seed, out_dir, min_frames, max_frames}.
+    Returns {num_files, bytes, num_classes, seed, out_dir, min_frames, max_frames, posture}.
     """
     from mtscale.errors import ConfigError
 
@@ -303,8 +316,10 @@ def synthesize(out_dir: str, num_samples: int, num_classes: int, seed: int, work
         raise ConfigError(f"min_frames/max_frames: found {min_frames}/{max_frames}, expected 2 <= min <= max")
     if workers < 1:
         raise ConfigError(f"workers: found {workers}, expected >= 1")
+    if posture not in POSTURES:
+        raise ConfigError(f"posture: found {posture!r}, expected one of {', '.join(POSTURES)}")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    jobs = [(str(out_dir), s, min(s + _CHUNK, num_samples), num_classes, seed, min_frames, max_frames)
+    jobs = [(str(out_dir), s, min(s + _CHUNK, num_samples), num_classes, seed, min_frames, max_frames, posture)
             for s in range(0, num_samples, _CHUNK)]
     from tqdm import tqdm
 
@@ -332,4 +347,4 @@ def synthesize(out_dir: str, num_samples: int, num_classes: int, seed: int, work
             pool.shutdown()
     log.info("wrote %d synthetic files (%.1f MB) to %s", n_files, n_bytes / 1e6, out_dir)
     return dict(num_files=n_files, bytes=n_bytes, num_classes=num_classes, seed=seed,
-                out_dir=str(out_dir), min_frames=min_frames, max_frames=max_frames)
+                out_dir=str(out_dir), min_frames=min_frames, max_frames=max_frames, posture=posture)
