@@ -4,10 +4,10 @@ The reader lists work units (usually files) in a deterministic order. With one w
 process parses, preprocesses, casts and checksums each unit and appends it to a
 ``StoreWriter``. With ``workers`` > 1 the units are cut into contiguous **parts** (a pure
 function of the number of units, never of ``workers``); each worker process ingests whole parts
-into part stores of its own under ``OUT.parts/`` (parse, write, compress: nothing flows back
-through the parent), and the parent then joins them in unit order (``merge_stores``: a copy of
-the binary frames, ~1/20 of the text's bytes). Either way the store is byte-identical whatever
-the number of workers. (An earlier design streamed every parsed array back to one writing
+into uncompressed scratch stores of its own under ``OUT.parts/`` (nothing flows back through
+the parent), and the parent joins them in unit order, part k while the workers ingest later
+parts (``store_merge.Merger``: re-chunks and compresses the binary frames, ~1/20 of the text's
+bytes). Either way the store is byte-identical whatever the number of workers. (An earlier design streamed every parsed array back to one writing
 parent; on 2 cores the parent was the bottleneck, 0.83-1.33x one worker.)
 
 - Bad input: a unit whose reader (or preprocessing) raises ``BadInputError`` is recorded in the
@@ -110,10 +110,11 @@ def process_unit(unit: Any) -> tuple[list[tuple], list[dict], int]:
 
 
 def _ingest_units(writer: StoreWriter, units: list[Any], start: int, input_bytes: int, strict: bool,
-                  results: Iterable[tuple[list, list, int]], on_unit=None) -> int:
+                  results: Iterable[tuple[list, list, int]], on_unit=None, log_skips: bool = True) -> int:
     """Append the results of ``units[start:]`` (in order) to ``writer`` with a commit point after
     each unit; returns the input bytes done. Duplicate ids and bad units go to the report (with
-    ``strict``: the first raises)."""
+    ``strict``: the first raises; logged unless ``log_skips`` is False: a part's are logged by
+    the parent)."""
     for k, (samples, failures, nbytes) in enumerate(results, start=start):
         for sid, x, label, fields, checksum in samples:
             if sid in writer:
@@ -125,7 +126,8 @@ def _ingest_units(writer: StoreWriter, units: list[Any], start: int, input_bytes
         for f in failures:
             if strict:
                 raise BadInputError(f["file"], f["line"], f["found"], f["expected"])
-            log.warning("skipped: %s", f["message"])
+            if log_skips:
+                log.warning("skipped: %s", f["message"])
             writer.add_report(f)
         input_bytes += nbytes
         writer.mark({"units_done": k + 1, "input_bytes": input_bytes})
@@ -170,7 +172,8 @@ def run_part(job: dict[str, Any]) -> dict[str, Any]:
     _count(start, 0)
     try:
         input_bytes = _ingest_units(writer, units, start, int(state["input_bytes"]), job["strict"],
-                                    (process_unit(u) for u in units[start:]), on_unit=lambda n: _count(1, n))
+                                    (process_unit(u) for u in units[start:]), on_unit=lambda n: _count(1, n),
+                                    log_skips=False)
     except BadInputError as e:
         return {"error": _failure(e)}
     writer.attrs["ingest"] = {"part_key": key, "num_samples": writer.num_samples, "input_bytes": input_bytes}
@@ -418,6 +421,6 @@ def _report_lines(url: str) -> list[str]:
 
 def merge_stores(parts: list[str], out: str, progress: bool = True) -> dict[str, Any]:
     """See ``mtscale.data.store_merge.merge_stores``."""
-    from mtscale.data.store_merge import Merger
+    from mtscale.data.store_merge import merge_stores as _merge
 
     return _merge(parts, out, progress=progress)

@@ -203,7 +203,7 @@ def test_parts_then_merge_equals_whole(syn_dir: Path, reference: Store, tmp_path
         s = P.prepare("ntu", str(syn_dir), str(out), PrepareOptions(), part_index=i, num_parts=3, progress=False, **SMALL)
         assert s["num_samples"] == NUM_FILES // 3
         parts.append(str(out))
-    merge_stores(parts, str(tmp_path / "merged"), progress=False)
+    P.merge_stores(parts, str(tmp_path / "merged"), progress=False)  # the re-export in prepare
     m = Store.open(tmp_path / "merged")
     assert m.manifest.equals(reference.manifest)
     np.testing.assert_array_equal(m.frames[:], reference.frames[:])
