@@ -11,7 +11,9 @@ written with different seeds share their classes.
 Nothing trivial separates the classes: length, speed, amplitude, position, facing and camera
 are drawn per sample from the same ranges for every class, and each class's amplitudes are
 calibrated so that the mean motion energy is the same for all classes. The class lives in
-*which* joints move *how*.
+*which* joints move *how*. By default (``posture="class"``) a class also has its own base
+angles on the joints it moves, which a static pose already shows; ``posture="shared"`` draws
+every sample's rest pose from one distribution, so only the motion tells classes apart.
 
 Files are ``SsssCcccPpppRrrrAaaa.skeleton`` (label = action - 1), 40 performers, 3 cameras
 (-45, 0, +45 degrees), setups with their own camera distance / height, 2 replications, in
