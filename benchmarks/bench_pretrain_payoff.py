@@ -70,15 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the results as a flat JSON object")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--objective", default="masked_motion", choices=["masked_motion", "masked_recon", "motion_flow"],
-                    help="pre-training objective (motion_flow uses mask ratio 0.5, the others 0.9)")
+                    help="pre-training objective")
     ap.add_argument("--pretrain-steps", type=int, default=None, help="override the setting's pre-training steps")
     ap.add_argument("--tokenization", default="patch", choices=["patch", "frame"],
                     help="encoder tokens: patch (4 frames x 1 joint, MAMP) or frame (Motion-Transformer)")
-    ap.add_argument("--mask-ratio", type=float, default=None,
-                    help="objective.mask_ratio (default 0.9, 0.5 for motion_flow)")
+    ap.add_argument("--mask-ratio", type=float, default=0.5,
+                    help="objective.mask_ratio (0.5: 90 %% left too few of a 32-frame clip's tokens, README)")
     ap.add_argument("--posture", default="class", choices=["class", "shared"],
                     help="synthetic data: classes differ in base pose and motion (class) or in motion only (shared)")
-    ap.add_argument("--norm-target", default="global", choices=["token", "global", "none"],
+    ap.add_argument("--norm-target", default="token", choices=["token", "global", "none"],
                     help="target normalisation of the objective (objective.norm_target)")
     a = ap.parse_args(argv)
     s = dict(SETTINGS["quick" if a.quick else "full"])
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         sets = [f"data.store={store}", f"run.dir={pre}", f"train.max_steps={s['pretrain_steps']}",
                 "train.batch_size=32", "train.lr=1.5e-3", "train.warmup_steps=10", "train.ckpt_every=100000",
                 "train.log_every=25", "run.progress=false", "run.tensorboard=false", f"train.seed={a.seed}",
-                f"objective.kind={a.objective}", f"objective.mask_ratio={a.mask_ratio or (0.5 if a.objective == 'motion_flow' else 0.9)}",
+                f"objective.kind={a.objective}", f"objective.mask_ratio={a.mask_ratio}",
                 "objective.masking=motion_aware", f"objective.norm_target={a.norm_target}",
                 "objective.decoder_dim=64", "objective.decoder_depth=1", "objective.decoder_heads=4", *DATA, *model]
         cmd = [py, "-m", "mtscale.pretrain", "--config", str(ROOT / "configs" / "pretrain" / "tiny_cpu.yaml")]
