@@ -279,7 +279,9 @@ def prepare(fmt: str, input_path: str, out: str, options: PrepareOptions | None 
     ingest = {"num_units": len(units), "num_excluded": num_excluded, "part_index": part_index, "num_parts": num_parts}
     fs, path = url_to_fs(str(out).rstrip("/"))
     single_leftover = is_local(fs) and fs.exists(join(path + ".partial", PROGRESS))
-    if (workers > 1 or fs.exists(path + PARTS)) and not single_leftover:
+    per_process = "memory" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    # memory:// lives in one process: there the workers stream results to the writing parent
+    if (workers > 1 or fs.exists(path + PARTS)) and not single_leftover and not per_process:
         return _prepare_parts(str(out).rstrip("/"), units, workers, (reader.__name__, options, layout), key, attrs,
                               ingest, strict, progress, chunk_frames, shard_chunks, t0, str(input_path))
     writer = StoreWriter(out, layout=layout, num_bodies=options.max_bodies, dtype=options.dtype, attrs=attrs,

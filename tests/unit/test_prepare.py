@@ -293,3 +293,13 @@ def test_parallel_resume_after_sigkill(syn_dir: Path, reference: Store, tmp_path
     s = P.prepare("ntu", str(syn_dir), str(out), PrepareOptions(), workers=2, progress=False, **SMALL)
     assert s["units_resumed"] > 0 and s["num_samples"] == NUM_FILES
     assert_same_store(Store.open(out), reference)
+
+
+def test_parallel_prepare_into_memory_url_streams_to_the_parent(syn_dir: Path, reference: Store):
+    """memory:// exists in one process only, so workers there cannot write parts of their own:
+    the parent writes, and the store still equals one worker's."""
+    url = f"memory://prep-{os.getpid()}-{time.time_ns()}/st"
+    s = P.prepare("ntu", str(syn_dir), url, PrepareOptions(), workers=2, progress=False, **SMALL)
+    m = Store.open(s["out"])
+    assert m.manifest.equals(reference.manifest)
+    np.testing.assert_array_equal(m.frames[:], reference.frames[:])
