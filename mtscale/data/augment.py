@@ -129,7 +129,9 @@ class BatchAugment:
         kernel = _affine_cpu() if dev.type == "cpu" and x.dtype == torch.float32 else None
         if kernel is not None and (a is not None or src is not None):  # one fused pass (module doc)
             out = torch.empty_like(x, memory_format=torch.contiguous_format)
-            kernel(x.contiguous().numpy(), identity_maps(n) if a is None else a,
+            if a is None:  # body swap only: identity maps
+                a = np.ascontiguousarray(np.broadcast_to(np.eye(3, dtype=np.float32), (n, 3, 3)))
+            kernel(x.contiguous().numpy(), a,
                    np.ascontiguousarray(np.broadcast_to(np.arange(m), (n, m))) if src is None else src, out.numpy())
         else:
             if a is not None:
@@ -149,10 +151,6 @@ class BatchAugment:
         if out is x:
             out = x.clone()
         return out
-
-
-def identity_maps(n: int) -> np.ndarray:
-    return np.ascontiguousarray(np.broadcast_to(np.eye(3, dtype=np.float32), (n, 3, 3)))
 
 
 @functools.cache
