@@ -44,7 +44,7 @@ from mtscale.data.formats import get_reader
 from mtscale.data.manifest import checksum_bytes
 from mtscale.data.preprocess import PrepareOptions, describe, preprocess
 from mtscale.data.store import REPORT, Store, is_local, join, store_exists, url_to_fs
-from mtscale.data.store_writer import PROGRESS, StoreWriter
+from mtscale.data.store_writer import PROGRESS, StoreWriter, duplicate_record, refuse_existing
 from mtscale.errors import BadInputError, ConfigError, StoreError
 
 log = logging.getLogger(__name__)
@@ -118,9 +118,7 @@ def _ingest_units(writer: StoreWriter, units: list[Any], start: int, input_bytes
     for k, (samples, failures, nbytes) in enumerate(results, start=start):
         for sid, x, label, fields, checksum in samples:
             if sid in writer:
-                failures.append({"file": fields.get("source_file") or str(units[k]), "line": None,
-                                 "message": f"{units[k]}: sample_id {sid!r} already ingested from another unit, expected unique ids",
-                                 "found": f"duplicate sample_id {sid!r}", "expected": "unique ids"})
+                failures.append(duplicate_record(sid, fields.get("source_file") or str(units[k]), units[k]))
                 continue
             writer.append(sid, x, label, fields, checksum=checksum)
         for f in failures:
@@ -346,9 +344,8 @@ def _prepare_parts(out: str, units: list[Any], workers: int, init_args: tuple, k
 
     from mtscale.data.store_merge import Merger
 
+    refuse_existing(out)  # before any work, not when the merge starts writing
     fs, path = url_to_fs(out)
-    if fs.exists(path) if is_local(fs) else store_exists(out):
-        raise StoreError(f"{out}: already exists, expected a new path (delete it or choose another output)")
     parts_url = out + PARTS
     jobs = [{"url": join(parts_url, f"part-{i:05d}"), "units": units[a:b], "key": {**key, "part_units": [a, b]},
              "attrs": attrs, "strict": strict, "chunk_frames": chunk_frames, "shard_chunks": shard_chunks}
@@ -357,7 +354,7 @@ def _prepare_parts(out: str, units: list[Any], workers: int, init_args: tuple, k
     units_done, bytes_done = ctx.Value("q", 0), ctx.Value("q", 0)
     bar = tqdm(total=len(units), unit="file", desc="prepare", disable=not progress)
     t_run, results = time.perf_counter(), []
-    merger = Merger(out, skip_duplicates=True)  # joins part k while the workers ingest later parts
+    merger = Merger(out)  # joins part k while the workers ingest later parts
 
     def show() -> None:
         bar.n = units_done.value
@@ -384,9 +381,8 @@ def _prepare_parts(out: str, units: list[Any], workers: int, init_args: tuple, k
             if "error" in res:
                 f = res["error"]
                 raise BadInputError(f["file"], f["line"], f["found"], f["expected"])
-            for line in _report_lines(res["url"]):
-                log.warning("skipped: %s", json.loads(line)["message"])
-            merger.add(res["url"])
+            for rec in merger.add(res["url"]):
+                log.warning("skipped: %s", rec["message"])
             results.append(res)
             show()
     except BaseException:
@@ -401,24 +397,17 @@ def _prepare_parts(out: str, units: list[Any], workers: int, init_args: tuple, k
     seconds_run = time.perf_counter() - t_run
     input_bytes = sum(r["input_bytes"] for r in results)
     if merger.num_samples == 0:
-        reports = [line for r in results for line in _report_lines(r["url"])]
-        first = json.loads(reports[0])["message"] if reports else "no samples"
+        first = merger.report[0]["message"] if merger.report else "no samples"
         merger.discard()
         fs.rm(path + PARTS, recursive=True)
         raise BadInputError(input_path, None, f"no sample could be ingested from {len(units)} units ({first})",
                             "at least one readable recording")
-    merger.ingest = {**ingest, "num_skipped": 0, "input_bytes": input_bytes}
+    merger.ingest = {**ingest, "input_bytes": input_bytes}  # close() adds num_skipped
     merged = merger.close()
     fs.rm(path + PARTS, recursive=True)
     store = Store.open(merged["out"])
     return _summary(store, ingest, merged["num_skipped"], sum(r["units_resumed"] for r in results), input_bytes, t0,
                     sum(r["bytes_run"] for r in results), seconds_run)
-
-
-def _report_lines(url: str) -> list[str]:
-    fs, path = url_to_fs(url)
-    p = join(path, REPORT)
-    return [ln for ln in fs.cat_file(p).decode().splitlines() if ln.strip()] if fs.exists(p) else []
 
 
 def merge_stores(parts: list[str], out: str, progress: bool = True) -> dict[str, Any]:

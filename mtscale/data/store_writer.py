@@ -83,8 +83,7 @@ class StoreWriter:
         self._path = path
         self._work_path = path + ".partial" if self._local else path
         self.work_url = self.url + ".partial" if self._local else self.url
-        if (self._fs.exists(path) if self._local else store_exists(self.url)):
-            raise StoreError(f"{self.url}: already exists, expected a new path (delete it or choose another output)")
+        refuse_existing(self.url)
         self._rows: list[dict[str, Any]] = []  # manifest rows not yet sealed into a part
         self._parts: list[Any] = []  # sealed manifest rows, one pyarrow table per shard written
         self._sealed = 0  # rows in self._parts
@@ -330,6 +329,21 @@ class StoreWriter:
         self._closed = True
         log.info("wrote %s: %d samples, %d frames", self.url, self.num_samples, self._num_frames)
         return Store.open(self.url)
+
+
+def refuse_existing(url: str) -> None:
+    """A writer never overwrites: error if ``url`` exists (locally: anything; remote: a store)."""
+    fs, path = url_to_fs(url)
+    if fs.exists(path) if is_local(fs) else store_exists(url):
+        raise StoreError(f"{url}: already exists, expected a new path (delete it or choose another output)")
+
+
+def duplicate_record(sample_id: str, file: str | None, where: Any) -> dict[str, Any]:
+    """The skip-report record of a sample whose id was already written (``where``: the unit
+    that brought it again)."""
+    return {"file": file, "line": None,
+            "message": f"{where}: sample_id {sample_id!r} already ingested from another unit, expected unique ids",
+            "found": f"duplicate sample_id {sample_id!r}", "expected": "unique ids"}
 
 
 def release_free_memory() -> None:
