@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtscale.data.formats import get_reader, ntu
+from mtscale.data.formats import get_reader, ntu, ntu_scan
 from mtscale.errors import BadInputError
 
 REAL = {  # name: (frames, bodies)
@@ -183,3 +183,55 @@ def _empty(tmp_path: Path) -> Path:
     d = tmp_path / "empty"
     d.mkdir()
     return d
+
+
+# --------------------------------------------------------------------------- compiled scanner
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Equal frames / bodies and bit-identical float32 arrays (so -0.0 != 0.0)."""
+    return a[1:] == b[1:] and a[0].shape == b[0].shape and np.array_equal(a[0].view(np.uint32), b[0].view(np.uint32))
+
+
+def test_scanner_equals_reference_bit_for_bit(ntu_dir: Path, tmp_path: Path) -> None:
+    from mtscale.data import synthetic
+
+    synthetic.synthesize(str(tmp_path / "syn"), num_samples=24, num_classes=6, seed=3)
+    files = sorted(ntu_dir.glob("*.skeleton")) + sorted((tmp_path / "syn").rglob("*.skeleton"))
+    assert len(files) == 29
+    for f in files:
+        data = f.read_bytes()
+        fast = ntu_scan.scan(data)
+        assert fast is not None, f"{f}: the scanner refused a well-formed file"
+        assert _same(fast, ntu.parse_skeleton_reference(data, str(f))), f
+    # CRLF, extra blanks, exponents, signs, trailing blank lines: still the scanner, same values
+    text = _make([["7"], [], ["7", "9"]])
+    odd = text.replace("\n", "\r\n").replace(" 0.1 0.2 0.3 0.9 ", "  +1e-1\t2.0E-1 .3 9e-1 ") + "\n \n"
+    for t in (text, odd):
+        fast = ntu_scan.scan(t.encode())
+        assert fast is not None and _same(fast, ntu.parse_skeleton_reference(t.encode()))
+
+
+def test_scanner_never_accepts_what_the_reference_refuses() -> None:
+    """Random byte edits of a valid file: wherever the scanner accepts, the reference accepts
+    too, with bit-identical values; everything else falls back to the reference."""
+    base = bytearray(_make([["72057594037932185"], ["72057594037932185", "5"]]).encode())
+    alphabet = b"0123456789.-+eE \t\r\nx"
+    rng = np.random.default_rng(0)
+    accepted = refused = 0
+    for _ in range(1500):
+        data = bytearray(base)
+        for pos in rng.integers(0, len(data), size=int(rng.integers(1, 4))):
+            data[pos] = alphabet[rng.integers(len(alphabet))]
+        fast = ntu_scan.scan(bytes(data))
+        try:
+            ref = ntu.parse_skeleton_reference(bytes(data))
+        except BadInputError:
+            ref = None
+        if fast is None:
+            refused += 1
+            continue
+        accepted += 1
+        assert ref is not None, bytes(data)
+        assert _same(fast, ref), bytes(data)
+    assert accepted > 100 and refused > 100  # both sides of the property were exercised

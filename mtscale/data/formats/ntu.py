@@ -13,10 +13,11 @@ File names are ``SsssCcccPpppRrrrAaaa.skeleton`` (setup, camera, performer, repl
 action; label = action - 1). Bodies are tracked by bodyID across frames into
 ``x_MTVC`` (M_raw, T, 25, 3) with zeros where a body is absent.
 
-Speed: the file is split into lines once, the small header structure (frame / body /
-joint-count lines) is walked in Python, and all joint lines are converted in one vectorised
-C parse (pandas' CSV tokenizer, ~2x a Python float loop). Only when that fails is the file
-re-parsed line by line to name the exact bad line.
+Speed: a well-formed file is read in one compiled pass (``ntu_scan``, numba). Anything that
+pass does not take goes through the reference parser here: the file is split into lines once,
+the small header structure (frame / body / joint-count lines) is walked in Python, and all
+joint lines are converted in one vectorised C parse (pandas' CSV tokenizer). Only when that
+fails is the file re-parsed line by line to name the exact bad line.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mtscale.data.formats import Listing, RawSample
+from mtscale.data.formats import Listing, RawSample, ntu_scan
 from mtscale.errors import BadInputError
 
 LAYOUT = "ntu25"
@@ -195,7 +196,18 @@ def parse_skeleton(data: bytes, path: str = "<bytes>") -> tuple[np.ndarray, int,
 
     Returns (x_MTVC float32 (M_raw, T, 25, 3), number of frames, number of distinct bodies).
     Raises BadInputError naming the line of the first problem.
+
+    A well-formed file is read by the compiled one-pass scanner (``ntu_scan``); anything it
+    does not take runs through the reference parser below, which accepts or names the line.
     """
+    fast = ntu_scan.scan(data)
+    if fast is not None:
+        return fast
+    return parse_skeleton_reference(data, path)
+
+
+def parse_skeleton_reference(data: bytes, path: str = "<bytes>") -> tuple[np.ndarray, int, int]:
+    """The reference parser (see ``parse_skeleton``): Python header walk + pandas joint lines."""
     lines = data.split(b"\n")
     n_lines = len(lines)
     while n_lines and not lines[n_lines - 1].strip():
