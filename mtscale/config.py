@@ -408,7 +408,13 @@ class FinetuneConfig:
     mixup: float = 0.0
     """Mixup Beta(alpha, alpha) on the training batch (0 = off)."""
     head_drop: float = 0.0
-    """Dropout before the linear classifier."""
+    """Dropout before the classifier (with ``pool=joint``: on the concatenated joint features)."""
+    pool: str = "mean"
+    """Classifier head: ``mean`` (mean over all tokens -> LayerNorm -> linear) or ``joint``
+    (MAMP's fine-tuning head: mean over time per joint, joints concatenated -> linear to
+    ``head_hidden`` + BatchNorm + ReLU -> linear). The linear probe always pools ``mean``."""
+    head_hidden: int = 2048
+    """Hidden width of the ``joint`` head."""
     val_fraction: float = 0.1
     """Class-stratified, seeded share of the training part held out for validation (model
     selection never looks at the test part). Ignored when ``val_part`` is set; 0 = no validation."""
@@ -450,6 +456,13 @@ class FinetuneConfig:
             raise ConfigError(f"val_fraction: found {self.val_fraction}, expected in [0, 1)")
         if self.eval_clips < 1:
             raise ConfigError(f"eval_clips: found {self.eval_clips}, expected >= 1")
+        if self.pool not in ("mean", "joint"):
+            raise ConfigError(f"pool: found {self.pool!r}, expected 'mean' or 'joint'")
+        if self.pool == "joint" and self.protocol == "linear":
+            raise ConfigError("pool: found 'joint' with protocol linear, expected 'mean' (a linear probe is one "
+                              "linear layer on mean-pooled features)")
+        if self.head_hidden < 1:
+            raise ConfigError(f"head_hidden: found {self.head_hidden}, expected >= 1")
         if self.seeds is not None and not self.seeds:
             raise ConfigError("seeds: found an empty list, expected at least one seed (or null)")
 

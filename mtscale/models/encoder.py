@@ -171,41 +171,58 @@ class MotionTransformer(nn.Module):
         """Token features (B, L, D)."""
         return self.encode(self.embed_tokens(self.tokenize(x_NTMVC)), self.token_valid(mask_NT))
 
-    def features(self, x_NTMVC: Tensor, mask_NT: Tensor | None = None) -> Tensor:
-        """Pooled representation (N, D): mean over valid tokens, then over folded bodies."""
+    def features(self, x_NTMVC: Tensor, mask_NT: Tensor | None = None, *, per_joint: bool = False) -> Tensor:
+        """Pooled representation: mean over valid tokens, then over folded bodies -> (N, D).
+
+        ``per_joint`` (MAMP's fine-tuning head): mean over valid temporal positions only, the
+        joint columns concatenated -> (N, Lv * D) (Lv = V in patch mode, 1 in frame mode)."""
         N = x_NTMVC.shape[0]
         h_BLD = self(x_NTMVC, mask_NT)
+        Lt, Lv = self.grid
+        h = h_BLD.reshape(h_BLD.shape[0], Lt, Lv, self.dim)  # (B, Lt, Lv, D)
         valid = self.token_valid(mask_NT)
         if valid is None:
-            pooled_BD = h_BLD.mean(dim=1)
+            pooled = h.mean(dim=1) if per_joint else h.mean(dim=(1, 2))
         else:
-            w = valid.to(h_BLD.dtype).unsqueeze(-1)  # (B, L, 1)
-            pooled_BD = (h_BLD * w).sum(1) / w.sum(1).clamp_min(1.0)
-        return pooled_BD.reshape(N, self.bodies_folded, self.dim).mean(dim=1)
+            w = valid.reshape(-1, Lt, Lv, 1).to(h.dtype)  # (B, Lt, Lv, 1)
+            dims = (1,) if per_joint else (1, 2)
+            pooled = (h * w).sum(dims) / w.sum(dims).clamp_min(1.0)
+        return pooled.reshape(N, self.bodies_folded, -1).mean(dim=1)
 
 
 class ClassifierHead(nn.Module):
-    """Encoder + (BatchNorm-free) LayerNorm -> dropout -> linear classifier on pooled features.
+    """Encoder + pooled features -> classifier. ``head`` keys are separate from ``encoder.*``
+    so a pre-trained encoder loads exactly.
 
-    ``head`` keys are separate from ``encoder.*`` so a pre-trained encoder loads exactly.
+    ``pool="mean"``: mean over all valid tokens -> LayerNorm (``fc_norm``) -> dropout -> linear.
+    ``pool="joint"`` (MAMP's fine-tuning head): mean over time per joint column, the columns
+    concatenated (Lv * D) -> dropout -> ``fc_norm`` = linear to ``hidden`` + BatchNorm + ReLU ->
+    linear. It keeps which joint carries which feature, which the mean over all tokens loses.
     """
 
-    def __init__(self, encoder: MotionTransformer, num_classes: int, drop: float = 0.0):
+    def __init__(self, encoder: MotionTransformer, num_classes: int, drop: float = 0.0, pool: str = "mean",
+                 hidden: int = 2048):
         super().__init__()
-        self.encoder = encoder
-        self.fc_norm = nn.LayerNorm(encoder.dim, eps=1e-6)
+        if pool not in ("mean", "joint"):
+            raise ConfigError(f"pool: found {pool!r}, expected 'mean' or 'joint'")
+        self.encoder, self.pool = encoder, pool
         self.drop = nn.Dropout(drop)
-        self.head = nn.Linear(encoder.dim, num_classes)
+        if pool == "mean":
+            self.fc_norm: nn.Module = nn.LayerNorm(encoder.dim, eps=1e-6)
+            self.head = nn.Linear(encoder.dim, num_classes)
+        else:
+            self.fc_norm = nn.Sequential(nn.Linear(encoder.grid[1] * encoder.dim, hidden), nn.BatchNorm1d(hidden),
+                                         nn.ReLU())
+            self.head = nn.Linear(hidden, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE fine-tuning init
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x_NTMVC: Tensor, mask_NT: Tensor | None = None) -> Tensor:
         """Logits (N, num_classes)."""
-        return self.head(self.drop(self.fc_norm(self.encoder.features(x_NTMVC, mask_NT))))
-
-
-def build_classifier(encoder: MotionTransformer, num_classes: int, drop: float = 0.0) -> ClassifierHead:
-    return ClassifierHead(encoder, num_classes, drop)
+        f = self.encoder.features(x_NTMVC, mask_NT, per_joint=self.pool == "joint")
+        if self.pool == "mean":
+            return self.head(self.drop(self.fc_norm(f)))
+        return self.head(self.fc_norm(self.drop(f)))
 
 
 _BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")

@@ -3,7 +3,8 @@ keys checked exactly), save it, load it back for evaluate / predict.
 
 A classifier checkpoint is a folder::
 
-    model.safetensors   fp32 state dict of ``ClassifierHead`` (``encoder.*``, ``fc_norm.*``, ``head.*``)
+    model.safetensors   fp32 state dict of ``ClassifierHead`` (``encoder.*``, ``fc_norm.*``, ``head.*``;
+                        ``fc_norm`` holds the hidden layer + BatchNorm with ``pool = "joint"``)
     meta.json           everything evaluate / predict need: model section, clip geometry
                         (clip_frames, num_bodies, num_joints, layout), class names, the
                         store's preprocessing, the data section (crops), protocol, epoch, metrics
@@ -112,11 +113,14 @@ def _resolved_model(model_cfg: ModelConfig) -> dict[str, Any]:
 
 
 def build_classifier(encoder: MotionTransformer, num_classes: int, *, head: str = "layernorm",
-                     head_drop: float = 0.0) -> ClassifierHead:
-    """``ClassifierHead`` on ``encoder``; ``head="linear"`` drops the LayerNorm (linear probe)."""
+                     head_drop: float = 0.0, pool: str = "mean", hidden: int = 2048) -> ClassifierHead:
+    """``ClassifierHead`` on ``encoder``; ``head="linear"`` drops the LayerNorm (linear probe, mean
+    pooling); ``pool="joint"`` is MAMP's per-joint head (see ``ClassifierHead``)."""
     if head not in ("layernorm", "linear"):
         raise ValueError(f"head: {head!r}")
-    model = ClassifierHead(encoder, num_classes, head_drop)
+    if head == "linear" and pool != "mean":
+        raise ConfigError(f"pool: found {pool!r} for a linear probe, expected 'mean' (a linear head on pooled features)")
+    model = ClassifierHead(encoder, num_classes, head_drop, pool=pool, hidden=hidden)
     if head == "linear":
         model.fc_norm = nn.Identity()
     return model
@@ -190,7 +194,8 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
     model_cfg = from_dict(ModelConfig, {k: v for k, v in meta["model"].items()}, "model")
     enc = MotionTransformer.from_config(model_cfg, clip_frames=meta["clip_frames"], num_bodies=meta["num_bodies"],
                                         num_joints=meta["num_joints"], in_chans=meta.get("in_chans", 3))
-    model = build_classifier(enc, int(meta["num_classes"]), head=meta.get("head", "layernorm"))
+    model = build_classifier(enc, int(meta["num_classes"]), head=meta.get("head", "layernorm"),
+                             pool=meta.get("pool", "mean"), hidden=int(meta.get("head_hidden", 2048)))
     state = load_file(str(d / WEIGHTS))
     check_keys(model, state, str(d / WEIGHTS))
     model.load_state_dict(state, strict=True)

@@ -70,7 +70,7 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None = None,
     splits = make_splits(store, cfg)
     encoder, model_dict, source = build_encoder(cfg, num_joints=store.layout.num_joints)
     model = build_classifier(encoder, store.num_classes, head="linear" if cfg.protocol == "linear" else "layernorm",
-                             head_drop=cfg.head_drop).to(rt.device)
+                             head_drop=cfg.head_drop, pool=cfg.pool, hidden=cfg.head_hidden).to(rt.device)
     torch.manual_seed(seed * 1000 + rt.world.rank)  # dropout / drop-path / mixup differ per rank
     run_dir = Path(cfg.run.dir)
     meta = _meta(cfg, store, model_dict, source, splits)
@@ -169,7 +169,8 @@ def _meta(cfg: FinetuneConfig, store: Store, model_dict: dict, source: str | Non
         "model": model_dict, "clip_frames": cfg.data.clip_frames, "num_bodies": cfg.data.num_bodies,
         "num_joints": store.layout.num_joints, "in_chans": 3, "layout": store.layout.name,
         "num_classes": store.num_classes, "class_names": store.class_names,
-        "head": "linear" if cfg.protocol == "linear" else "layernorm",
+        "head": "linear" if cfg.protocol == "linear" else "layernorm", "pool": cfg.pool,
+        "head_hidden": cfg.head_hidden,
         "preprocessing": store.attrs.get("preprocessing"), "source_format": store.attrs.get("format"),
         "data": to_dict(cfg.data), "protocol": cfg.protocol, "pretrained": source, "seed": cfg.train.seed,
         "splits": splits.sizes(), "mtscale_version": __version__,

@@ -11,7 +11,7 @@ import torch
 from mtscale.config import ModelConfig
 from mtscale.errors import ConfigError
 from mtscale.models import layers
-from mtscale.models.encoder import (SIZES, MotionTransformer, build_classifier, count_parameters, layer_id_for,
+from mtscale.models.encoder import (SIZES, ClassifierHead, MotionTransformer, count_parameters, layer_id_for,
                                     param_groups_lrd, size_table)
 
 PKG = Path(__file__).resolve().parents[2] / "mtscale"
@@ -109,10 +109,37 @@ def test_state_dict_keys_stable() -> None:
     assert {"embed.weight", "pos_t", "pos_v", "transformer.norm.weight", "transformer.blocks.0.attn.qkv.weight",
             "transformer.blocks.1.mlp.fc2.bias"} <= keys
     assert all(re.match(r"^(embed|pos_t|pos_v|transformer)\b", k) for k in keys)
-    clf = build_classifier(enc("patch"), num_classes=7, drop=0.1)
+    clf = ClassifierHead(enc("patch"), num_classes=7, drop=0.1)
     missing, unexpected = clf.encoder.load_state_dict(enc("patch").state_dict(), strict=True)
     assert not missing and not unexpected
     assert clf(x_batch()).shape == (N, 7)
+
+
+def test_joint_pooling_head_keeps_joint_columns(tmp_path: Path) -> None:
+    """MAMP's fine-tuning head: mean over time per joint, joints concatenated (V * D), with
+    padded frames left out; the classifier saves and loads back with its head."""
+    from mtscale.train.classifier import build_classifier, load_classifier, save_classifier
+
+    e = enc("patch").eval()
+    x = x_batch()
+    mask = torch.ones(N, T, dtype=torch.bool)
+    mask[0, 8:] = False  # sample 0: only the first 2 of 4 temporal patches are valid
+    with torch.no_grad():
+        h = e(x, mask).reshape(N, M, T // 4, V, e.dim)  # (N, M, Lt, Lv, D)
+        want = torch.cat([h[:1, :, :2].mean(2), h[1:].mean(2)]).mean(1).reshape(N, V * e.dim)
+        got = e.features(x, mask, per_joint=True)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(e.features(x, mask), want.reshape(N, V, e.dim).mean(1))  # mean pool = mean of columns
+    clf = build_classifier(e, 7, pool="joint", hidden=32).eval()
+    assert clf.fc_norm[0].in_features == V * e.dim and clf(x, mask).shape == (N, 7)
+    meta = {"model": {"size": "tiny", "tokenization": "patch", "patch_frames": 4}, "clip_frames": T, "num_bodies": M,
+            "num_joints": V, "num_classes": 7, "head": "layernorm", "pool": "joint", "head_hidden": 32}
+    save_classifier(clf, meta, tmp_path / "clf")
+    back, _ = load_classifier(tmp_path / "clf")
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, mask), clf(x, mask))
+    with pytest.raises(ConfigError, match="pool"):
+        build_classifier(enc("frame"), 7, head="linear", pool="joint")
 
 
 def test_sdpa_is_the_only_attention() -> None:
@@ -188,7 +215,7 @@ def test_layer_ids_for_lr_decay() -> None:
     assert layer_id_for("transformer.blocks.7.mlp.fc1.bias", 8) == 8
     assert layer_id_for("encoder.transformer.norm.weight", 8) == 9
     assert layer_id_for("head.weight", 8) == 9
-    clf = build_classifier(enc("frame"), 5)
+    clf = ClassifierHead(enc("frame"), 5)
     groups = param_groups_lrd(clf, depth=2, weight_decay=0.05, layer_decay=0.5)
     n = sum(len(g["params"]) for g in groups)
     assert n == len(list(clf.parameters()))
