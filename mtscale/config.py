@@ -412,7 +412,8 @@ class FinetuneConfig:
     pool: str = "mean"
     """Classifier head: ``mean`` (mean over all tokens -> LayerNorm -> linear) or ``joint``
     (MAMP's fine-tuning head: mean over time per joint, joints concatenated -> linear to
-    ``head_hidden`` + BatchNorm + ReLU -> linear). The linear probe always pools ``mean``."""
+    ``head_hidden`` + BatchNorm + ReLU -> linear). A linear probe is one linear layer on
+    either: the mean (D features, MAMP's probe) or the concatenated joint columns (V x D)."""
     head_hidden: int = 2048
     """Hidden width of the ``joint`` head."""
     val_fraction: float = 0.1
@@ -458,9 +459,6 @@ class FinetuneConfig:
             raise ConfigError(f"eval_clips: found {self.eval_clips}, expected >= 1")
         if self.pool not in ("mean", "joint"):
             raise ConfigError(f"pool: found {self.pool!r}, expected 'mean' or 'joint'")
-        if self.pool == "joint" and self.protocol == "linear":
-            raise ConfigError("pool: found 'joint' with protocol linear, expected 'mean' (a linear probe is one "
-                              "linear layer on mean-pooled features)")
         if self.head_hidden < 1:
             raise ConfigError(f"head_hidden: found {self.head_hidden}, expected >= 1")
         if self.seeds is not None and not self.seeds:

@@ -194,33 +194,45 @@ class ClassifierHead(nn.Module):
     """Encoder + pooled features -> classifier. ``head`` keys are separate from ``encoder.*``
     so a pre-trained encoder loads exactly.
 
-    ``pool="mean"``: mean over all valid tokens -> LayerNorm (``fc_norm``) -> dropout -> linear.
-    ``pool="joint"`` (MAMP's fine-tuning head): mean over time per joint column, the columns
-    concatenated (Lv * D) -> dropout -> ``fc_norm`` = linear to ``hidden`` + BatchNorm + ReLU ->
-    linear. It keeps which joint carries which feature, which the mean over all tokens loses.
+    Features (``pool``): ``mean`` over all valid tokens (D), or ``joint`` -- MAMP's fine-tuning
+    head -- the mean over time per joint column, the columns concatenated (Lv * D), which keeps
+    which joint carries which feature. Head (``head``):
+
+    - ``layernorm``: LayerNorm (``fc_norm``) -> dropout -> linear (``pool=mean``), or, with
+      ``pool=joint``, dropout -> ``fc_norm`` = linear to ``hidden`` + BatchNorm + ReLU -> linear
+      (MAMP's ``ActionHeadFinetune``);
+    - ``linear``: one linear layer on the features (linear probe; ``fc_norm`` is the identity).
     """
 
     def __init__(self, encoder: MotionTransformer, num_classes: int, drop: float = 0.0, pool: str = "mean",
-                 hidden: int = 2048):
+                 hidden: int = 2048, head: str = "layernorm"):
         super().__init__()
         if pool not in ("mean", "joint"):
             raise ConfigError(f"pool: found {pool!r}, expected 'mean' or 'joint'")
+        if head not in ("layernorm", "linear"):
+            raise ConfigError(f"head: found {head!r}, expected 'layernorm' or 'linear'")
         self.encoder, self.pool = encoder, pool
         self.drop = nn.Dropout(drop)
-        if pool == "mean":
-            self.fc_norm: nn.Module = nn.LayerNorm(encoder.dim, eps=1e-6)
-            self.head = nn.Linear(encoder.dim, num_classes)
+        width = encoder.dim if pool == "mean" else encoder.grid[1] * encoder.dim
+        if head == "linear":
+            self.fc_norm: nn.Module = nn.Identity()
+        elif pool == "mean":
+            self.fc_norm = nn.LayerNorm(width, eps=1e-6)
         else:
-            self.fc_norm = nn.Sequential(nn.Linear(encoder.grid[1] * encoder.dim, hidden), nn.BatchNorm1d(hidden),
-                                         nn.ReLU())
-            self.head = nn.Linear(hidden, num_classes)
+            self.fc_norm = nn.Sequential(nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
+            width = hidden
+        self.head = nn.Linear(width, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE fine-tuning init
         nn.init.zeros_(self.head.bias)
 
+    def features(self, x_NTMVC: Tensor, mask_NT: Tensor | None = None) -> Tensor:
+        """The pooled encoder features this head reads: (N, D) or (N, Lv * D)."""
+        return self.encoder.features(x_NTMVC, mask_NT, per_joint=self.pool == "joint")
+
     def forward(self, x_NTMVC: Tensor, mask_NT: Tensor | None = None) -> Tensor:
         """Logits (N, num_classes)."""
-        f = self.encoder.features(x_NTMVC, mask_NT, per_joint=self.pool == "joint")
-        if self.pool == "mean":
+        f = self.features(x_NTMVC, mask_NT)
+        if isinstance(self.fc_norm, nn.LayerNorm):
             return self.head(self.drop(self.fc_norm(f)))
         return self.head(self.fc_norm(self.drop(f)))
 

@@ -114,16 +114,9 @@ def _resolved_model(model_cfg: ModelConfig) -> dict[str, Any]:
 
 def build_classifier(encoder: MotionTransformer, num_classes: int, *, head: str = "layernorm",
                      head_drop: float = 0.0, pool: str = "mean", hidden: int = 2048) -> ClassifierHead:
-    """``ClassifierHead`` on ``encoder``; ``head="linear"`` drops the LayerNorm (linear probe, mean
-    pooling); ``pool="joint"`` is MAMP's per-joint head (see ``ClassifierHead``)."""
-    if head not in ("layernorm", "linear"):
-        raise ValueError(f"head: {head!r}")
-    if head == "linear" and pool != "mean":
-        raise ConfigError(f"pool: found {pool!r} for a linear probe, expected 'mean' (a linear head on pooled features)")
-    model = ClassifierHead(encoder, num_classes, head_drop, pool=pool, hidden=hidden)
-    if head == "linear":
-        model.fc_norm = nn.Identity()
-    return model
+    """``ClassifierHead`` on ``encoder``: ``head="linear"`` is the linear probe's single layer,
+    ``pool="joint"`` reads MAMP's per-joint features (see ``ClassifierHead``)."""
+    return ClassifierHead(encoder, num_classes, head_drop, pool=pool, hidden=hidden, head=head)
 
 
 def fold_standardisation(linear: nn.Linear, mean_D: torch.Tensor, std_D: torch.Tensor) -> None:

@@ -180,12 +180,12 @@ class LinearProbe:
         self.cfg, self.store, self.splits, self.rt, self.model = cfg, store, splits, rt, model
         geo = batch_geometry(cfg.train, rt.world.world_size)
         self.micro_batch_size = geo.micro_batch_size
-        enc = unwrap(model).encoder
-        enc.requires_grad_(False)
-        enc.eval()
+        clf = unwrap(model)
+        clf.encoder.requires_grad_(False)
+        clf.encoder.eval()
 
         def features(x: Tensor, mask: Tensor) -> Tensor:
-            return enc.features(x, mask)
+            return clf.features(x, mask)  # (N, D), or (N, V * D) with pool=joint
 
         bs = cfg.eval_batch_size or 2 * self.micro_batch_size
         labels = np.asarray(store.labels)

@@ -138,8 +138,10 @@ def test_joint_pooling_head_keeps_joint_columns(tmp_path: Path) -> None:
     back, _ = load_classifier(tmp_path / "clf")
     with torch.no_grad():
         torch.testing.assert_close(back(x, mask), clf(x, mask))
+    probe = build_classifier(e, 7, head="linear", pool="joint")  # a linear probe on the joint columns
+    assert isinstance(probe.fc_norm, torch.nn.Identity) and probe.head.in_features == V * e.dim
     with pytest.raises(ConfigError, match="pool"):
-        build_classifier(enc("frame"), 7, head="linear", pool="joint")
+        build_classifier(enc("frame"), 7, pool="max")
 
 
 def test_sdpa_is_the_only_attention() -> None:
