@@ -227,7 +227,8 @@ def test_part_ranges_cover_units_and_ignore_workers():
         r = P.part_ranges(n)
         assert r[0][0] == 0 and r[-1][1] == n and all(a < b and b == c for (a, b), (c, _) in zip(r, r[1:] + [(n, n)]))
         assert len(r) <= 32 or r[0][1] - r[0][0] == 2048
-    assert len(P.part_ranges(1200)) == 32 and P.part_ranges(20) == [(0, 16), (16, 20)]
+    assert len(P.part_ranges(1200)) == 8 and len(P.part_ranges(4800)) == 19 and len(P.part_ranges(10**5)) == 49
+    assert P.part_ranges(20) == [(0, 16), (16, 20)]
 
 
 def _messy_input(syn_dir: Path, d: Path) -> None:

@@ -9,6 +9,9 @@ parallel worker processes:
   (e.g. NTU's published samples with missing skeletons).
 - ``read_unit(unit) -> Iterator[RawSample]``: parse one unit. A bad unit raises
   ``BadInputError`` naming file, line, what was found and what was expected.
+
+Optionally ``PRELOAD``: modules ``prepare``'s forkserver imports before forking workers
+(e.g. ``ntu_scan_warm``, which loads a compiled kernel once instead of once per worker).
 """
 
 from __future__ import annotations

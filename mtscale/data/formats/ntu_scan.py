@@ -205,6 +205,12 @@ def _scan(buf):
     return (True, num_frames, k, xyz, ids, frame_of)
 
 
+def warm_up() -> None:
+    """Load the compiled scanner now (from numba's disk cache; compiled once per install)."""
+    if _scan is not None:
+        _scan(np.frombuffer(b"0\n", dtype=np.uint8))
+
+
 def scan(data: bytes) -> tuple[np.ndarray, int, int] | None:
     """Parse a well-formed file: (x_MTVC float32 (M_raw, T, 25, 3), frames, distinct bodies),
     as ``ntu.parse_skeleton`` returns them; None where the reference parser must decide."""
