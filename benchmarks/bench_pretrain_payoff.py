@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="synthetic data: classes differ in base pose and motion (class) or in motion only (shared)")
     ap.add_argument("--norm-target", default="token", choices=["token", "global", "none"],
                     help="target normalisation of the objective (objective.norm_target)")
+    ap.add_argument("--pool", default="mean", choices=["mean", "joint"],
+                    help="classifier features: mean over tokens (MAMP's probe) or per-joint columns (MAMP's "
+                         "fine-tuning head; the probe is then linear on V x D features)")
     a = ap.parse_args(argv)
     s = dict(SETTINGS["quick" if a.quick else "full"])
     model = [*MODEL, f"model.tokenization={a.tokenization}"]
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         t_pre = sh(cmd + [x for kv in sets for x in ("--set", kv)], work / "pretrain.log")
     print(f"  pre-training: {t_pre:.0f} s", flush=True)
     enc = str(pre / "encoder.safetensors")
-    seed = [f"train.seed={a.seed}"]
+    seed = [f"train.seed={a.seed}", f"pool={a.pool}"]
     # a converged probe (lr 0.01 x 30 epochs left the random-init probe at 84.7 % where it can reach 98.6 %)
     lin = ["protocol=linear", f"epochs={s['linear_epochs']}", "warmup_epochs=1", "train.lr=0.1",
            "train.weight_decay=0.0", "train.batch_size=32", *seed]
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "semi10_gain_points": r_ft["test_top1"] - r_scr["test_top1"],
         "chance_top1": 100.0 / s["num_classes"], "num_test": r_ft["test"], "num_train_semi10": r_ft["train"],
         "pretrain_wall_s": t_pre, "wall_s": time.perf_counter() - t_all, "cpu_s_this_process": time.process_time() - c_all,
-        "quick": bool(a.quick), "posture": a.posture, "objective": a.objective, "norm_target": a.norm_target, "mask_ratio": a.mask_ratio, "tokenization": a.tokenization, **{f"setting_{k}": v for k, v in s.items()},
+        "quick": bool(a.quick), "posture": a.posture, "objective": a.objective, "norm_target": a.norm_target, "mask_ratio": a.mask_ratio, "tokenization": a.tokenization, "pool": a.pool, **{f"setting_{k}": v for k, v in s.items()},
         "hardware": _hardware(), "torch": _torch_version(), "workdir": str(work),
     }
     out["linear_target_met"] = out["linear_gain_points"] >= 20.0

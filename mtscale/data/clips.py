@@ -6,7 +6,7 @@ compute the frame indices ``i0, i1`` and weights ``w`` of a linear resample of e
 CTR-GCN feeders' bilinear resize along time); then gather them from a frame arena.
 
 The gather runs as one fused loop compiled by numba (``_gather_kernel``: read both
-interpolation ends, convert float16 through a 65,536-entry table, interpolate with
+interpolation ends, convert float16 bits arithmetically (exact, vectorised), interpolate with
 ``torch.lerp``'s formula, zero padded frames, write each output value once), ~2x the blocked
 torch ops below it, which remain the path without numba.
 """
@@ -103,7 +103,7 @@ def gather_clips(
     dt = arena_FMVC.dtype
     if kernel is not None and dt in (np.float16, np.float32) and arena_FMVC.flags.c_contiguous and x.is_contiguous():
         flat_np = arena_FMVC.reshape(f, -1)
-        kernel(flat_np.view(np.uint16) if dt == np.float16 else flat_np, _half_table(), rows, rows1, w_flat,
+        kernel(flat_np.view(np.uint16) if dt == np.float16 else flat_np, rows, rows1, w_flat,
                np.ascontiguousarray(mask).reshape(-1), x.numpy())
         return x.view(n, t, *tail)
     flat = torch.from_numpy(arena_FMVC.reshape(f, -1))  # (F, M*V*C), no copy
@@ -128,27 +128,41 @@ def gather_clips(
     return x.view(n, t, *tail)
 
 
-@functools.cache
-def _half_table() -> np.ndarray:
-    """float32 value of every float16 bit pattern (numba has no float16 on the CPU)."""
-    return np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+def _half_bits_to_float(h):
+    """float16 bits (uint16) -> float32, exact for finite values (a store holds no inf / nan)."""
+    u = np.uint32(h)
+    sign = (u & np.uint32(0x8000)) << np.uint32(16)
+    em = u & np.uint32(0x7FFF)
+    if em >= np.uint32(0x0400):  # normal: rebias the exponent (15 -> 127), widen the mantissa
+        return np.uint32(sign | ((em << np.uint32(13)) + np.uint32(0x38000000))).view(np.float32)
+    v = np.float32(em) * np.float32(5.9604644775390625e-08)  # zero / subnormal: m * 2**-24
+    return -v if sign else v
+
+
+try:  # compiled at module level so the kernels below can call it and still be cached on disk
+    from numba import njit as _njit
+
+    _half = _njit(cache=True, nogil=True, inline="always")(_half_bits_to_float)
+except ImportError:  # pragma: no cover - numba is a dependency; the torch path still works
+    _half = None
 
 
 @functools.cache
 def _gather_kernel():
-    """The fused gather ``(flat, table, rows0, rows1, w, mask, out)``, or None without numba.
-    ``flat`` (F, D) is float32, or float16 bits as uint16 (converted through ``table``)."""
-    try:
-        from numba import njit
-    except ImportError:
+    """The fused gather ``(flat, rows0, rows1, w, mask, out)``, or None without numba.
+    ``flat`` (F, D) is float32, or float16 bits as uint16 (numba has no float16 on the CPU;
+    ``half`` converts the bits: ~20 % faster than the 65,536-entry table it replaced, which
+    was a gather per value; same values)."""
+    if _half is None:
         return None
+    from numba import njit
 
     # Two near-copies on purpose: one loop over both element types was 1.2-1.5x slower (the
     # type branch stays in the inner loop), and a factory of closures is not cached on disk by
     # numba (~1.8 s of compiling in every process and loader worker instead of ~0.4 s of loading).
     @njit(cache=True, nogil=True)
-    def gather_half(flat, table, rows0, rows1, w, mask, out):
-        one, half = np.float32(1.0), np.float32(0.5)
+    def gather_half(flat, rows0, rows1, w, mask, out):
+        one, half_ = np.float32(1.0), np.float32(0.5)
         for r in range(rows0.size):
             o = out[r]
             if not mask[r]:
@@ -157,18 +171,18 @@ def _gather_kernel():
             a, b, wt = flat[rows0[r]], flat[rows1[r]], w[r]
             if wt == 0:
                 for d in range(o.size):
-                    o[d] = table[a[d]]
-            elif wt < half:  # torch.lerp's two-sided formula
+                    o[d] = _half(a[d])
+            elif wt < half_:  # torch.lerp's two-sided formula
                 for d in range(o.size):
-                    s = table[a[d]]
-                    o[d] = s + wt * (table[b[d]] - s)
+                    s = _half(a[d])
+                    o[d] = s + wt * (_half(b[d]) - s)
             else:
                 for d in range(o.size):
-                    e = table[b[d]]
-                    o[d] = e - (e - table[a[d]]) * (one - wt)
+                    e = _half(b[d])
+                    o[d] = e - (e - _half(a[d])) * (one - wt)
 
     @njit(cache=True, nogil=True)
-    def gather_float(flat, table, rows0, rows1, w, mask, out):
+    def gather_float(flat, rows0, rows1, w, mask, out):
         one, half = np.float32(1.0), np.float32(0.5)
         for r in range(rows0.size):
             o = out[r]
@@ -186,7 +200,7 @@ def _gather_kernel():
                 for d in range(o.size):
                     o[d] = b[d] - (b[d] - a[d]) * (one - wt)
 
-    def gather(flat, table, rows0, rows1, w, mask, out):
-        (gather_half if flat.dtype == np.uint16 else gather_float)(flat, table, rows0, rows1, w, mask, out)
+    def gather(flat, rows0, rows1, w, mask, out):
+        (gather_half if flat.dtype == np.uint16 else gather_float)(flat, rows0, rows1, w, mask, out)
 
     return gather
