@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mtscale.runtime import tune_malloc
+
+    tune_malloc()  # this process is ours (mtscale.runtime)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in FORWARDED:
         import importlib

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mtscale.config import PretrainConfig, load_config
+    from mtscale.runtime import tune_malloc
+
+    tune_malloc()  # this process is ours (mtscale.runtime)
 
     cfg = load_config(PretrainConfig, args.config, args.sets)
     if args.print_config:

@@ -57,6 +57,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mtscale.config import DataConfig
 from mtscale.data.augment import BatchAugment, step_seed
 from mtscale.data.clips import crop_windows, gather_clips, resample_indices
+from mtscale.runtime import tune_malloc
 from mtscale.data.order import RankOrder, make_blocks, num_batches, rank_order, rank_slice, uniform_hash, worker_batches
 from mtscale.data.subsets import label_fraction_subset
 from mtscale.errors import ConfigError
@@ -290,6 +291,7 @@ class ClipDataset(IterableDataset):
         remaining = len(order) - self.consumed
         if info is not None:  # blosc threads in every worker would oversubscribe the cores
             _blosc_single_thread()
+            tune_malloc()  # the worker process is ours: reuse freed batch buffers (mtscale.runtime)
         arenas: dict = {}
         batches = worker_batches(remaining, self.batch_size, self.drop_last, worker, num_workers)
         need = None

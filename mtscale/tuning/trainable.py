@@ -96,10 +96,12 @@ def finetune_trainable(config: dict[str, Any], *, base: dict, cpus_per_trial: fl
     from ray import tune
 
     from mtscale.config import FinetuneConfig, from_dict
+    from mtscale.runtime import tune_malloc
 
     for var in _LAUNCHER_VARS:
         os.environ.pop(var, None)
     limit_threads(cpus_per_trial)
+    tune_malloc()  # the trial's worker process is Ray's, running only our trainable
     ctx = tune.get_context()
     trial_dir = Path(ctx.get_trial_dir())
     trial_dir.mkdir(parents=True, exist_ok=True)
