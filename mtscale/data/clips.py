@@ -6,9 +6,9 @@ compute the frame indices ``i0, i1`` and weights ``w`` of a linear resample of e
 CTR-GCN feeders' bilinear resize along time); then gather them from a frame arena.
 
 The gather runs as one fused loop compiled by numba (``_gather_kernel``: read both
-interpolation ends, convert float16 bits arithmetically (exact, branch-free, vectorised), interpolate with
-``torch.lerp``'s formula, zero padded frames, write each output value once), ~2x the blocked
-torch ops below it, which remain the path without numba.
+interpolation ends, convert float16 bits arithmetically (exact, branch-free, vectorised),
+interpolate with ``torch.lerp``'s formula, zero padded frames, write each output value once),
+~2x the blocked torch ops below it, which remain the path without numba.
 """
 
 from __future__ import annotations
