@@ -57,7 +57,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mtscale.config import DataConfig
 from mtscale.data.augment import BatchAugment, step_seed
 from mtscale.data.clips import crop_windows, gather_clips, resample_indices
-from mtscale.data.order import RankOrder, make_blocks, num_batches, rank_order, rank_slice, uniform_hash, worker_batches
+from mtscale.data.order import (
+    RankOrder,
+    make_blocks,
+    num_batches,
+    rank_order,
+    rank_slice,
+    uniform_hash,
+    worker_batches,
+)
 from mtscale.data.subsets import label_fraction_subset
 from mtscale.errors import ConfigError
 from mtscale.runtime import tune_malloc
