@@ -77,6 +77,10 @@ class DataConfig:
     frames, zero-pad to T, mask False on padding). Longer crops are always resampled."""
     subset_seed: int = 0
     """Seed of the label-fraction subset (independent of the training seed)."""
+    normalize: str = "none"
+    """Per-clip coordinate normalisation, after augmentation, in training, evaluation and
+    prediction alike: ``none``, or ``minmax`` (each coordinate axis of each clip mapped to
+    [-1, 1] over its present joints and valid frames, as CTR-GCN's NW-UCLA feeder does)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
@@ -93,6 +97,8 @@ class DataConfig:
             raise ConfigError(f"data.eval_crop: found {self.eval_crop}, expected in (0, 1]")
         if self.short_clips not in ("resample", "pad"):
             raise ConfigError(f"data.short_clips: found {self.short_clips!r}, expected resample|pad")
+        if self.normalize not in ("none", "minmax"):
+            raise ConfigError(f"data.normalize: found {self.normalize!r}, expected none|minmax")
         if self.num_workers < 0 or self.shuffle_buffer < 1:
             raise ConfigError(
                 f"data.num_workers/shuffle_buffer: found {self.num_workers}/{self.shuffle_buffer}, "

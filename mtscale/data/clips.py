@@ -128,6 +128,24 @@ def gather_clips(
     return x.view(n, t, *tail)
 
 
+def normalize_clips(x_NTMVC: torch.Tensor, mask_NT: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-clip coordinate normalisation (``DataConfig.normalize``), on the batch's device.
+
+    ``minmax``: each coordinate axis of each clip mapped to [-1, 1] by its min and max over the
+    present joints (any coordinate non-zero) of valid frames; absent joints and padded frames
+    stay zero. The result does not depend on the clip's position or (positive) scale."""
+    if mode == "none":
+        return x_NTMVC
+    if mode != "minmax":
+        raise ValueError(f"normalize_clips: found mode {mode!r}, expected none|minmax")
+    present = (x_NTMVC != 0).any(-1, keepdim=True) & mask_NT.to(x_NTMVC.device)[:, :, None, None, None]
+    big = torch.finfo(x_NTMVC.dtype).max
+    lo = torch.where(present, x_NTMVC, big).amin(dim=(1, 2, 3), keepdim=True)  # (N, 1, 1, 1, C)
+    hi = torch.where(present, x_NTMVC, -big).amax(dim=(1, 2, 3), keepdim=True)
+    y = (x_NTMVC - lo) / (hi - lo).clamp_min(1e-6) * 2 - 1
+    return torch.where(present, y, torch.zeros((), dtype=y.dtype, device=y.device))
+
+
 def _half_bits_to_float(h):
     """float16 bits (uint16) -> float32, exact for finite values (a store holds no inf / nan).
 

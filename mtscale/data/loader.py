@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mtscale.config import DataConfig
 from mtscale.data.augment import BatchAugment, step_seed
-from mtscale.data.clips import crop_windows, gather_clips, resample_indices
+from mtscale.data.clips import crop_windows, gather_clips, normalize_clips, resample_indices
 from mtscale.data.order import (
     RankOrder,
     make_blocks,
@@ -402,6 +402,8 @@ class StatefulLoader:
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             if self.augment is not None:
                 batch["x"] = self.augment(batch["x"], seed=step_seed(ds.seed, self.epoch, ds.rank, pos))
+            if ds.cfg.normalize != "none":
+                batch["x"] = normalize_clips(batch["x"], batch["mask"], ds.cfg.normalize)
             yield batch
         self.epoch, self.consumed = self.epoch + 1, 0
 

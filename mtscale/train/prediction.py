@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mtscale.config import DataConfig, from_dict
-from mtscale.data.clips import crop_windows, gather_clips, resample_indices
+from mtscale.data.clips import crop_windows, gather_clips, normalize_clips, resample_indices
 from mtscale.data.formats import RawSample, get_reader
 from mtscale.data.preprocess import PrepareOptions, preprocess
 from mtscale.errors import BadInputError, ConfigError
@@ -54,7 +54,8 @@ def eval_clip(x_TMVC: np.ndarray, data: DataConfig, num_bodies: int) -> tuple[to
                                eval_crop=data.eval_crop)
     i0, i1, w, mask = resample_indices(crop, data.clip_frames, pad_short=data.short_clips == "pad")
     x = gather_clips(x_TMVC, start, i0, i1, w, mask)  # (1, T', M, V, C)
-    return x, torch.from_numpy(mask)
+    mask_t = torch.from_numpy(mask)
+    return normalize_clips(x, mask_t, data.normalize), mask_t
 
 
 def iter_samples(files: list[str], fmt: str | None, meta: dict[str, Any]) -> Iterator[tuple[str, RawSample]]:

@@ -250,3 +250,44 @@ def test_fused_gather_converts_every_float16_exactly():
     got = C.gather_clips(arena, np.zeros(1, np.int64), rows, rows, np.zeros((1, f), np.float32), np.ones((1, f), bool))
     want = arena.astype(np.float32)
     assert np.array_equal(got[0].numpy().view(np.uint32), want.view(np.uint32))
+
+
+def test_minmax_normalize_clips_per_axis_and_leaves_absent_joints_zero():
+    from mtscale.data.clips import normalize_clips
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 10, 2, 5, 3, generator=g) * torch.tensor([1.0, 2.0, 0.5])
+    x[1, :, 1] = 0  # an absent body
+    x[2, :, 0, 3] = 0  # an absent joint
+    mask = torch.ones(4, 10, dtype=torch.bool)
+    mask[3, 7:] = False  # padded frames (zero, as the gather writes them)
+    x[3, 7:] = 0
+    y = normalize_clips(x, mask, "minmax")
+    present = (x != 0).any(-1) & mask[:, :, None, None]  # (N, T, M, V)
+    for i in range(4):
+        p = y[i][present[i]]  # (P, 3)
+        torch.testing.assert_close(p.amin(0), -torch.ones(3))
+        torch.testing.assert_close(p.amax(0), torch.ones(3))
+        assert bool((y[i][~present[i]] == 0).all())
+    # a moved and enlarged clip normalises to the same values; "none" is the identity
+    moved = torch.where(present[..., None], x * 3.0 + torch.tensor([5.0, -2.0, 1.0]), 0.0)
+    torch.testing.assert_close(normalize_clips(moved, mask, "minmax"), y, atol=1e-5, rtol=1e-5)
+    assert normalize_clips(x, mask, "none") is x
+    with pytest.raises(ConfigError, match="data.normalize"):
+        _cfg(normalize="zscore")
+
+
+def test_loader_and_prediction_apply_the_configured_normalisation(mem_store):
+    from mtscale.train.prediction import eval_clip
+
+    cfg = _cfg(split="xs", part="test", eval_crop=1.0, normalize="minmax")
+    b = next(iter(build_loader(mem_store, cfg, batch_size=4, seed=0, train=False)))
+    flat = b["x"].reshape(4, -1, 3)
+    assert torch.allclose(flat.amin(1), -torch.ones(4, 3)) and torch.allclose(flat.amax(1), torch.ones(4, 3))
+    raw = next(iter(build_loader(mem_store, _cfg(split="xs", part="test", eval_crop=1.0), batch_size=4, seed=0,
+                                 train=False)))
+    assert not torch.allclose(raw["x"], b["x"])
+    # prediction cuts the same evaluation clip, normalised the same way
+    x, mask = eval_clip(mem_store.read_sample(int(b["index"][0])), cfg, num_bodies=2)
+    torch.testing.assert_close(x[0], b["x"][0], atol=1e-5, rtol=1e-5)
+    assert bool(mask.all())
