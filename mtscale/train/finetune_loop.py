@@ -82,10 +82,15 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None = None,
 
     trainer_cls = LinearProbe if cfg.protocol == "linear" else FullTrainer
     trainer = trainer_cls(cfg, model, store, splits, rt)
-    start, best = 0, {"val_top1": -math.inf, "epoch": -1}
+    start, best, before = 0, {"val_top1": -math.inf, "epoch": -1}, {"wall_s": 0.0, "cpu_s": 0.0}
     resume = Path(resume_from) if resume_from is not None else _latest_checkpoint(run_dir)
-    if resume is not None:
-        start, best = _resume(resume, model, trainer)
+    if resume is not None:  # ``before``: wall / CPU time of the interrupted segments, so totals add up
+        start, best, before = _resume(resume, model, trainer)
+
+    def elapsed() -> dict[str, float]:
+        return {"wall_s": before["wall_s"] + time.perf_counter() - t0,
+                "cpu_s": before["cpu_s"] + time.process_time() - c0}
+
     logger = _MetricsLog(run_dir, rt.world.is_main and cfg.run.tensorboard, rt.world.is_main)
     last_ckpt = resume
     metrics: dict[str, float] = {}
@@ -96,7 +101,8 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None = None,
         improved = metrics.get("val_top1", -math.inf) > best["val_top1"] or best["epoch"] < 0
         if improved:
             best = {"val_top1": metrics.get("val_top1", math.nan), "epoch": epoch}
-        last_ckpt = _save_epoch(run_dir, epoch, model, trainer, meta, metrics, best, rt, cfg.train.keep_checkpoints)
+        last_ckpt = _save_epoch(run_dir, epoch, model, trainer, meta, metrics, best, rt, cfg.train.keep_checkpoints,
+                                elapsed())
         if improved and cfg.keep_best and rt.world.is_main:
             _copy_dir(last_ckpt, run_dir / "best", drop=(STATE,))
         logger.write(metrics)
@@ -104,7 +110,7 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None = None,
             on_epoch(epoch, dict(metrics), last_ckpt)
     logger.close()
     result = _finish(cfg, model, trainer, store, splits, rt, run_dir, last_ckpt, best, metrics)
-    result.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, seed=seed)
+    result.update(**elapsed(), seed=seed)  # all segments of a resumed run (rank 0's process)
     if rt.world.is_main:
         (run_dir / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
         append_results_md(run_dir / "results.md", results_row(
@@ -183,7 +189,7 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def _resume(path: Path, model: torch.nn.Module, trainer: Any) -> tuple[int, dict]:
+def _resume(path: Path, model: torch.nn.Module, trainer: Any) -> tuple[int, dict, dict]:
     if not (path / STATE).is_file() or not (path / WEIGHTS).is_file():
         raise ConfigError(f"resume_from: {path} has no {STATE} + {WEIGHTS}, expected an epoch checkpoint folder "
                           "written by run_finetune")
@@ -194,17 +200,18 @@ def _resume(path: Path, model: torch.nn.Module, trainer: Any) -> tuple[int, dict
     trainer.load_state_dict(state["trainer"])
     _restore_rng(state.get("rng"))
     log.info("resumed from %s (epoch %d done)", path, state["epoch"])
-    return int(state["epoch"]) + 1, dict(state["best"])
+    before = {k: float(v) for k, v in state.get("elapsed", {"wall_s": 0.0, "cpu_s": 0.0}).items()}
+    return int(state["epoch"]) + 1, dict(state["best"]), before
 
 
 def _save_epoch(run_dir: Path, epoch: int, model: torch.nn.Module, trainer: Any, meta: dict, metrics: dict,
-                best: dict, rt: Runtime, keep: int) -> Path:
+                best: dict, rt: Runtime, keep: int, elapsed: dict[str, float]) -> Path:
     """Rank 0 writes ``<run>/checkpoints/epoch_XXXX``; every rank waits for it."""
     out = run_dir / "checkpoints" / f"epoch_{epoch:04d}"
     trainer.prepare_export()  # on every rank: all of them evaluate the exported classifier
     if rt.world.is_main:
         save_classifier(model, dict(meta, epoch=epoch, metrics=metrics), out)
-        state = {"epoch": epoch, "best": best, "trainer": trainer.state_dict(),
+        state = {"epoch": epoch, "best": best, "trainer": trainer.state_dict(), "elapsed": elapsed,
                  "rng": {"torch": torch.get_rng_state(), "numpy_seed": int(np.random.randint(2**31))}}
         tmp = out / (STATE + ".tmp")
         torch.save(state, tmp)

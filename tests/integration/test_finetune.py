@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -136,12 +137,16 @@ def test_resume_continues_and_matches_uninterrupted(store, tmp_path):
 
     with pytest.raises(Stop):
         run_finetune(_cfg(store, tmp_path / "part", *base), on_epoch=stop_after_1)
+    t = time.perf_counter()
     resumed = run_finetune(_cfg(store, tmp_path / "part", *base))  # picks up checkpoints/epoch_0001
+    segment = time.perf_counter() - t
     a = [json.loads(s) for s in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(s) for s in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in b] == [0, 1, 2]
     assert b[2]["train_loss"] == pytest.approx(a[2]["train_loss"], rel=1e-4)
     assert resumed["test_top1"] == pytest.approx(full["test_top1"], abs=1e-6)
+    # the resumed run's wall time counts the interrupted segment's epochs too, not only its own
+    assert resumed["wall_s"] >= 0.95 * segment + b[0]["epoch_s"] + b[1]["epoch_s"]
     # resume_from an explicit checkpoint dir (what a Ray Tune trial gets back) in a new run dir
     again = run_finetune(_cfg(store, tmp_path / "other", *base),
                          resume_from=tmp_path / "full" / "checkpoints" / "epoch_0001")
