@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 
@@ -31,13 +32,9 @@ MMAP_THRESHOLD_BYTES = 256 << 20
 TRIM_THRESHOLD_BYTES = 1 << 30
 """Free memory at the top of the heap kept for reuse before it is returned to the kernel."""
 
-_state: dict[str, bool] = {}
-
-
+@functools.cache
 def tune_malloc() -> bool:
     """Raise glibc's mmap and trim thresholds in this process (once). True if applied."""
-    if "applied" in _state:
-        return _state["applied"]
     applied = False
     if os.environ.get("MTSCALE_TUNE_MALLOC", "1") != "0":
         try:
@@ -48,6 +45,5 @@ def tune_malloc() -> bool:
             applied = bool(mmap_ok) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
         except (OSError, AttributeError):
             applied = False
-    _state["applied"] = applied
     log.debug("malloc thresholds raised: %s", applied)
     return applied

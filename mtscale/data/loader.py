@@ -402,8 +402,7 @@ class StatefulLoader:
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             if self.augment is not None:
                 batch["x"] = self.augment(batch["x"], seed=step_seed(ds.seed, self.epoch, ds.rank, pos))
-            if ds.cfg.normalize != "none":
-                batch["x"] = normalize_clips(batch["x"], batch["mask"], ds.cfg.normalize)
+            batch["x"] = normalize_clips(batch["x"], batch["mask"], ds.cfg.normalize)  # "none": as is
             yield batch
         self.epoch, self.consumed = self.epoch + 1, 0
 
