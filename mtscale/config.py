@@ -31,7 +31,10 @@ class AugmentConfig:
     """Batched augmentations, run as torch ops on the training device (see data/augment.py)."""
 
     rotate_deg: float = 0.0
-    """Maximum absolute random rotation about each axis, degrees (0 = off)."""
+    """Maximum absolute random rotation about each axis in ``rotate_axes``, degrees (0 = off)."""
+    rotate_axes: str = "xyz"
+    """Axes rotated by ``rotate_deg``: any of x, y, z (CTR-GCN's NW-UCLA feeder: ``xy``, with y
+    the vertical axis, so views change in azimuth and elevation but the body stays upright)."""
     scale: float = 0.0
     """Random isotropic scale in [1 - scale, 1 + scale] (0 = off)."""
     shear: float = 0.0
@@ -42,6 +45,12 @@ class AugmentConfig:
     """Probability of swapping body order in a sample."""
     time_mask_frames: int = 0
     """Length of one random block of frames zeroed per sample (0 = off)."""
+
+    def __post_init__(self) -> None:
+        if not self.rotate_axes or set(self.rotate_axes) - set("xyz") or len(set(self.rotate_axes)) != len(self.rotate_axes):
+            raise ConfigError(
+                f"data.augment.rotate_axes: found {self.rotate_axes!r}, expected distinct letters of 'xyz'"
+            )
 
 
 @dataclass
@@ -127,6 +136,11 @@ class ModelConfig:
     compile: bool = False
     qkv_bias: bool = True
     """Bias on the fused QKV projection (MAE/MAMP use one)."""
+    rel_bias: bool = False
+    """Patch tokens: a learned attention bias per head for every (joint, joint) pair and every
+    temporal-patch offset, added to the attention logits of all blocks (zero at init; Swin-style
+    relative position bias over the skeleton's joints). Costs one (B, H, L, L) bias on the
+    masked encoder's visible tokens; meant for small data (NW-UCLA), off by default."""
 
     def __post_init__(self) -> None:
         if self.tokenization not in ("frame", "patch"):

@@ -73,6 +73,7 @@ class BatchAugment:
         if cfg.rotate_deg:
             r = math.radians(cfg.rotate_deg)
             angles = (torch.rand(n, 3, generator=gen) * 2 - 1) * r
+            angles *= torch.tensor([float(ax in cfg.rotate_axes) for ax in "xyz"])
             a = rotation_matrices(angles)
         if cfg.shear:
             off = (torch.rand(n, 6, generator=gen) * 2 - 1) * cfg.shear

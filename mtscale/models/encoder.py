@@ -73,7 +73,7 @@ class MotionTransformer(nn.Module):
                  tokenization: str = "patch", clip_frames: int = 120, num_bodies: int = 2,
                  num_joints: int = 25, in_chans: int = 3, patch_frames: int = 4,
                  drop_path: float = 0.0, qkv_bias: bool = True, attn_backend: str = "auto",
-                 checkpoint_activations: bool = False):
+                 checkpoint_activations: bool = False, rel_bias: bool = False):
         super().__init__()
         if tokenization not in ("frame", "patch"):
             raise ConfigError(f"model.tokenization: found {tokenization!r}, expected 'frame' or 'patch'")
@@ -96,6 +96,11 @@ class MotionTransformer(nn.Module):
         self.pos_v = nn.Parameter(torch.empty(1, 1, self.grid[1], dim)) if tokenization == "patch" else None
         self.transformer = Transformer(dim, depth, heads, mlp_ratio, drop_path, qkv_bias, attn_backend,
                                        checkpoint_activations)
+        if rel_bias and tokenization != "patch":
+            raise ConfigError("model.rel_bias: found true with tokenization 'frame', expected patch tokens")
+        # relative attention bias (model.rel_bias): (H, V, V) joint pairs, (H, 2 Lt - 1) time offsets
+        self.bias_v = nn.Parameter(torch.zeros(heads, num_joints, num_joints)) if rel_bias else None
+        self.bias_t = nn.Parameter(torch.zeros(heads, 2 * self.grid[0] - 1)) if rel_bias else None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -114,7 +119,8 @@ class MotionTransformer(nn.Module):
                    tokenization=cfg.tokenization, clip_frames=clip_frames, num_bodies=num_bodies,
                    num_joints=num_joints, in_chans=in_chans, patch_frames=cfg.patch_frames,
                    drop_path=cfg.drop_path, qkv_bias=getattr(cfg, "qkv_bias", True),
-                   attn_backend=cfg.attn_backend, checkpoint_activations=cfg.checkpoint_activations)
+                   attn_backend=cfg.attn_backend, checkpoint_activations=cfg.checkpoint_activations,
+                   rel_bias=getattr(cfg, "rel_bias", False))
 
     # ------------------------------------------------------------------ tokens
     @property
@@ -162,9 +168,28 @@ class MotionTransformer(nn.Module):
         """Linear token embedding + position embedding: (B, L, K) -> (B, L, D)."""
         return self.embed(tokens_BLK) + self.pos_embed()
 
-    def encode(self, h_BLD: Tensor, valid_BL: Tensor | None = None) -> Tensor:
-        """Run the transformer (blocks + final norm) on embedded tokens (any subset of L)."""
-        return self.transformer(h_BLD, key_padding_to_attn_mask(valid_BL))
+    def attn_bias(self, ids_BL: Tensor | None = None) -> Tensor | None:
+        """The relative attention bias (``model.rel_bias``) of all L tokens, (1, H, L, L), or of
+        the tokens ``ids_BL`` (B, Lk) (indices into L, e.g. a masked encoder's visible ones),
+        (B, H, Lk, Lk); None without it."""
+        if self.bias_v is None:
+            return None
+        Lt, Lv = self.grid
+        ids = torch.arange(self.num_tokens, device=self.bias_v.device)[None] if ids_BL is None else ids_BL
+        tv, tt = ids % Lv, ids // Lv  # token l = tp * V + v
+        bias_HBLL = (self.bias_v[:, tv[:, :, None], tv[:, None, :]]
+                     + self.bias_t[:, tt[:, :, None] - tt[:, None, :] + Lt - 1])
+        return bias_HBLL.transpose(0, 1)
+
+    def encode(self, h_BLD: Tensor, valid_BL: Tensor | None = None, ids_BL: Tensor | None = None) -> Tensor:
+        """Run the transformer (blocks + final norm) on embedded tokens: all L of them, or the
+        subset ``ids_BL`` (B, Lk) (needed only for ``rel_bias``, which depends on positions)."""
+        mask = key_padding_to_attn_mask(valid_BL)
+        bias = self.attn_bias(ids_BL)
+        if bias is not None:
+            bias = bias.to(h_BLD.dtype)
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        return self.transformer(h_BLD, mask)
 
     # ------------------------------------------------------------------ public
     def forward(self, x_NTMVC: Tensor, mask_NT: Tensor | None = None) -> Tensor:
@@ -241,7 +266,8 @@ _BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
 
 def layer_id_for(name: str, depth: int) -> int:
-    """Layer id for layer-wise lr decay (BEiT/MAE): embeddings 0, block i -> i + 1, rest depth + 1.
+    """Layer id for layer-wise lr decay (BEiT/MAE): embeddings and the relative attention bias
+    (shared by all blocks) 0, block i -> i + 1, rest depth + 1.
 
     lr scale for a parameter = decay ** (depth + 1 - layer_id_for(name, depth)).
     Works with or without an ``encoder.`` prefix.
@@ -250,7 +276,7 @@ def layer_id_for(name: str, depth: int) -> int:
     if m:
         return int(m.group(1)) + 1
     leaf = name.removeprefix("encoder.")
-    if leaf.startswith(("embed.", "pos_t", "pos_v", "mask_token")):
+    if leaf.startswith(("embed.", "pos_t", "pos_v", "bias_v", "bias_t", "mask_token")):
         return 0
     return depth + 1
 
@@ -261,7 +287,7 @@ def param_groups_lrd(model: nn.Module, depth: int, weight_decay: float, layer_de
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_wd = p.ndim == 1 or name.endswith((".bias", "pos_t", "pos_v", "mask_token"))
+        no_wd = p.ndim == 1 or name.endswith((".bias", "pos_t", "pos_v", "bias_v", "bias_t", "mask_token"))
         lid = layer_id_for(name, depth)
         g = groups.setdefault((lid, no_wd), {
             "params": [], "weight_decay": 0.0 if no_wd else weight_decay,

@@ -176,7 +176,7 @@ class PretrainModel(nn.Module):
         Lk = ids_keep.shape[1]
         vis_BkD = torch.gather(h_BLD, 1, ids_keep[..., None].expand(B, Lk, D))
         vis_valid = None if valid_BL is None else torch.gather(valid_BL, 1, ids_keep)
-        z_BkD = self.encoder.encode(vis_BkD, vis_valid)
+        z_BkD = self.encoder.encode(vis_BkD, vis_valid, ids_keep)
         d_BkE = self.decoder_embed(z_BkD)
         E = d_BkE.shape[-1]
         d_BLE = torch.cat([d_BkE, self.mask_token.to(d_BkE.dtype).expand(B, L - Lk, E)], dim=1)

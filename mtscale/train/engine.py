@@ -142,12 +142,13 @@ def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases, norms, tokens and position embeddings (ndim < 2
-    or names ending in ``_token`` / ``pos_embed``)."""
+    or names ending in ``_token`` / ``pos_embed``, the relative attention biases)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or name.endswith(("bias", "_token", "pos_embed", "pos_embed_t", "pos_embed_v", "pos_t", "pos_v")):
+        if p.ndim < 2 or name.endswith(("bias", "_token", "pos_embed", "pos_embed_t", "pos_embed_v", "pos_t", "pos_v",
+                                        "bias_v", "bias_t")):
             no_decay.append(p)
         else:
             decay.append(p)

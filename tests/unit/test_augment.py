@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mtscale.config import AugmentConfig
+from mtscale.errors import ConfigError
 from mtscale.data.augment import BatchAugment, rotation_matrices, step_seed
 
 
@@ -35,6 +36,22 @@ def test_rotation_preserves_lengths_and_stays_within_angle():
     cos = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp_min(1e-9)
     assert float(cos[x.norm(dim=-1) > 0].min()) > math.cos(math.radians(90))
     assert bool((y[0, :, 1] == 0).all())  # absent body stays zero
+
+
+def test_rotate_axes_leaves_the_other_axes_alone():
+    gen = torch.Generator().manual_seed(0)
+    full = BatchAugment(AugmentConfig(rotate_deg=60)).linear_params(400, gen.manual_seed(0))
+    xy = BatchAugment(AugmentConfig(rotate_deg=60, rotate_axes="xy")).linear_params(400, gen.manual_seed(0))
+    y_only = BatchAugment(AugmentConfig(rotate_deg=60, rotate_axes="y")).linear_params(400, gen.manual_seed(0))
+    # about y only: the vertical axis is fixed and the horizontal plane turns by up to 60 degrees
+    torch.testing.assert_close(y_only[:, :, 1], torch.tensor([0.0, 1, 0]).expand(400, 3), atol=1e-6, rtol=0)
+    turn = torch.rad2deg(torch.atan2(y_only[:, 0, 2], y_only[:, 0, 0]))
+    assert float(turn.abs().max()) <= 60 + 1e-4 and float(turn.abs().max()) > 55
+    # x and y only: Ry @ Rx keeps the x axis in the horizontal plane (no roll about z)
+    assert float(xy[:, 1, 0].abs().max()) < 1e-6
+    assert float(full[:, 1, 0].abs().max()) > 0.5  # about all three axes it does not
+    with pytest.raises(ConfigError, match="rotate_axes"):
+        AugmentConfig(rotate_deg=30, rotate_axes="xw")
 
 
 def test_scale_and_shear_ranges():

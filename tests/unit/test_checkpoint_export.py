@@ -21,14 +21,20 @@ META = {"model": to_dict(ModelConfig(size="tiny")), "clip_frames": 8, "num_bodie
         "in_chans": 3, "layout": "ntu25", "step": 3}
 
 
-def _encoder() -> MotionTransformer:
+def _encoder(**model) -> MotionTransformer:
     torch.manual_seed(0)
-    return MotionTransformer.from_config(ModelConfig(size="tiny"), clip_frames=8, num_bodies=2, num_joints=25)
+    return MotionTransformer.from_config(ModelConfig(size="tiny", **model), clip_frames=8, num_bodies=2, num_joints=25)
 
 
-def test_export_then_load_exact(tmp_path: Path) -> None:
-    enc = _encoder()
-    out = save_encoder(enc.state_dict(), META, tmp_path / "enc.safetensors")
+@pytest.mark.parametrize("rel_bias", [False, True])
+def test_export_then_load_exact(tmp_path: Path, rel_bias: bool) -> None:
+    enc = _encoder(rel_bias=rel_bias)
+    if rel_bias:
+        with torch.no_grad():
+            enc.bias_v.normal_()
+            enc.bias_t.normal_()
+    meta = dict(META, model=to_dict(ModelConfig(size="tiny", rel_bias=rel_bias)))
+    out = save_encoder(enc.state_dict(), meta, tmp_path / "enc.safetensors")
     assert json.loads((tmp_path / "enc.json").read_text())["num_joints"] == 25
     got, meta = load_encoder(out)
     assert meta["step"] == 3 and meta["layout"] == "ntu25"

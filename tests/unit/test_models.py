@@ -185,6 +185,48 @@ def test_padding_mask_isolates_invalid_frames() -> None:
     assert layers.key_padding_to_attn_mask(torch.ones(2, 4, dtype=torch.bool)) is None  # flash path kept
 
 
+def test_rel_bias_zero_at_init_and_indexed_by_joint_pair_and_time_offset() -> None:
+    a, b = enc("patch", rel_bias=True).eval(), enc("patch").eval()
+    assert a.bias_v.shape == (4, V, V) and a.bias_t.shape == (4, 2 * (T // 4) - 1)
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if k not in ("bias_v", "bias_t")})
+    x = x_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x))  # zero bias = the plain encoder
+        a.bias_v.normal_(generator=torch.Generator().manual_seed(1))
+        a.bias_t.normal_(generator=torch.Generator().manual_seed(2))
+        assert not torch.allclose(a(x), b(x), atol=1e-3)
+        full = a.attn_bias()[0]  # (H, L, L), token l = tp * V + v
+        for h, i, j in [(0, 0, 0), (1, 7, 13), (3, 19, 2)]:
+            want = a.bias_v[h, i % V, j % V] + a.bias_t[h, i // V - j // V + T // 4 - 1]
+            assert float(full[h, i, j]) == pytest.approx(float(want))
+        ids = torch.stack([torch.randperm(20, generator=torch.Generator().manual_seed(s))[:7] for s in range(3)])
+        sub = a.attn_bias(ids)
+        for n in range(3):
+            assert torch.equal(sub[n], full[:, ids[n]][:, :, ids[n]])
+    with pytest.raises(ConfigError, match="rel_bias"):
+        enc("frame", rel_bias=True)
+    assert layer_id_for("encoder.bias_v", 4) == 0
+    groups = param_groups_lrd(ClassifierHead(a, 5), depth=2, weight_decay=0.05, layer_decay=0.5)
+    assert all(g["weight_decay"] == 0.0 for g in groups for p in g["params"] if p is a.bias_v)
+
+
+def test_rel_bias_follows_the_visible_tokens_of_a_masked_encoder() -> None:
+    """A bias that forbids attention across joints: encoding a random subset of tokens (with
+    their ids) equals encoding each joint's visible tokens alone with the plain encoder."""
+    a, b = enc("patch", rel_bias=True).eval(), enc("patch").eval()
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if k not in ("bias_v", "bias_t")})
+    with torch.no_grad():
+        a.bias_v.fill_(-1e4).diagonal(dim1=1, dim2=2).zero_()
+        h = a.embed_tokens(a.tokenize(x_batch()))  # (B, L, D)
+        ids = torch.stack([torch.randperm(20, generator=torch.Generator().manual_seed(s))[:9] for s in range(len(h))])
+        vis = torch.gather(h, 1, ids[..., None].expand(-1, -1, h.shape[-1]))
+        z = a.encode(vis, None, ids)
+        for n in range(len(h)):
+            for v in ids[n].remainder(V).unique():
+                cols = (ids[n] % V == v).nonzero().flatten()
+                torch.testing.assert_close(z[n, cols], b.encode(vis[n:n + 1, cols])[0], rtol=1e-4, atol=1e-4)
+
+
 def test_drop_path_active_in_train_off_in_eval() -> None:
     e = enc("frame", drop_path=0.5)
     assert e.transformer.blocks[-1].drop_path.p == 0.5 and e.transformer.blocks[0].drop_path.p == 0.0

@@ -29,10 +29,10 @@ KINDS = ["motion_flow", "masked_motion", "masked_recon"]
 
 
 def model(tok: str = "patch", kind: str = "masked_motion", *, ratio: float = 0.75, masking: str = "random",
-          tau: float = 0.75, backend: str = "auto", seed: int = 0) -> PretrainModel:
+          tau: float = 0.75, backend: str = "auto", seed: int = 0, rel_bias: bool = False) -> PretrainModel:
     torch.manual_seed(seed)
     return build_pretrain_model(
-        ModelConfig(size="tiny", tokenization=tok, patch_frames=4, attn_backend=backend),
+        ModelConfig(size="tiny", tokenization=tok, patch_frames=4, attn_backend=backend, rel_bias=rel_bias),
         ObjectiveConfig(kind=kind, mask_ratio=ratio, masking=masking, motion_aware_tau=tau,
                         decoder_dim=32, decoder_depth=1, decoder_heads=4),
         clip_frames=T, num_bodies=M, num_joints=V)
@@ -170,10 +170,16 @@ def test_loss_falls_on_fixed_batch(tok: str, kind: str) -> None:
     assert min(losses[-5:]) < 0.6 * losses[0], losses[::5]
 
 
-@pytest.mark.parametrize("tok,kind", [("patch", "masked_motion"), ("frame", "motion_flow"), ("patch", "masked_recon")])
-def test_batch_split_gives_same_per_sample_losses(tok: str, kind: str) -> None:
+@pytest.mark.parametrize("tok,kind,rel_bias", [("patch", "masked_motion", False), ("frame", "motion_flow", False),
+                                              ("patch", "masked_recon", False), ("patch", "masked_motion", True),
+                                              ("patch", "motion_flow", True)])
+def test_batch_split_gives_same_per_sample_losses(tok: str, kind: str, rel_bias: bool) -> None:
     """1 rank x 8 samples == 2 ranks x 4 samples: per-sample losses and the mean loss agree."""
-    m = model(tok, kind, masking="motion_aware").eval()
+    m = model(tok, kind, masking="motion_aware", rel_bias=rel_bias).eval()
+    if rel_bias:  # a non-zero relative attention bias, which must follow each sample's visible tokens
+        with torch.no_grad():
+            m.encoder.bias_v.normal_(generator=torch.Generator().manual_seed(0))
+            m.encoder.bias_t.normal_(generator=torch.Generator().manual_seed(1))
     x, keys = smooth_batch(8, seed=3), torch.arange(100, 108)
     mask = torch.ones(8, T, dtype=torch.bool)
     with torch.no_grad():
