@@ -148,8 +148,12 @@ def _terminated(exp: Path) -> set[str]:
 
 
 def test_sigkilled_sweep_resumes_without_rerunning_finished_trials(assets):
-    cfg = _tune_yaml(assets, "resume", max_concurrent_trials=2, overrides={"data.store": str(assets["store"]),
-                     "epochs": 2}, space={"train.lr": {"grid": [5e-3, 4e-3, 3e-3, 2e-3, 1e-3]}})
+    # reuse_actors=False: each trial starts its own process (~3 s here). A reused actor trains
+    # these 2 tiny epochs in ~0.1 s, and the whole sweep could end between two snapshots of
+    # the experiment state (1 s apart), before the kill below (seen once in CI).
+    cfg = _tune_yaml(assets, "resume", max_concurrent_trials=2, reuse_actors=False,
+                     overrides={"data.store": str(assets["store"]), "epochs": 2},
+                     space={"train.lr": {"grid": [5e-3, 4e-3, 3e-3, 2e-3, 1e-3]}})
     exp = assets["root"] / "results" / "resume"
     proc = subprocess.Popen([sys.executable, "-m", "mtscale.cli", "tune", "--config", str(cfg)], env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
