@@ -281,13 +281,23 @@ def layer_id_for(name: str, depth: int) -> int:
     return depth + 1
 
 
+NO_DECAY_SUFFIXES = ("bias", "_token", "pos_t", "pos_v", "bias_v", "bias_t")
+"""Parameter-name endings kept out of weight decay: biases, learned tokens, position embeddings
+and the relative attention biases (``bias_v`` / ``bias_t``); every vector (LayerNorm) too."""
+
+
+def no_weight_decay(name: str, p: nn.Parameter) -> bool:
+    """The one rule for which parameters AdamW leaves undecayed (pre-training and fine-tuning)."""
+    return p.ndim < 2 or name.endswith(NO_DECAY_SUFFIXES)
+
+
 def param_groups_lrd(model: nn.Module, depth: int, weight_decay: float, layer_decay: float) -> list[dict]:
     """Parameter groups with per-layer ``lr_scale`` and no weight decay on biases/norms/embeddings."""
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_wd = p.ndim == 1 or name.endswith((".bias", "pos_t", "pos_v", "bias_v", "bias_t", "mask_token"))
+        no_wd = no_weight_decay(name, p)
         lid = layer_id_for(name, depth)
         g = groups.setdefault((lid, no_wd), {
             "params": [], "weight_decay": 0.0 if no_wd else weight_decay,

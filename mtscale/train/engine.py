@@ -18,6 +18,7 @@ import torch
 
 from mtscale.config import TrainConfig
 from mtscale.errors import ConfigError
+from mtscale.models.encoder import no_weight_decay
 
 log = logging.getLogger(__name__)
 
@@ -141,14 +142,13 @@ def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms, tokens and position embeddings (ndim < 2
-    or names ending in ``_token`` / ``pos_embed``, the relative attention biases)."""
+    """AdamW groups: no weight decay where ``models.encoder.no_weight_decay`` says so (biases,
+    norms, tokens, position embeddings, relative attention biases)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or name.endswith(("bias", "_token", "pos_embed", "pos_embed_t", "pos_embed_v", "pos_t", "pos_v",
-                                        "bias_v", "bias_t")):
+        if no_weight_decay(name, p):
             no_decay.append(p)
         else:
             decay.append(p)
