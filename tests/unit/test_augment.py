@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mtscale.config import AugmentConfig
-from mtscale.errors import ConfigError
 from mtscale.data.augment import BatchAugment, rotation_matrices, step_seed
+from mtscale.errors import ConfigError
 
 
 def _batch(n: int = 6, t: int = 10, m: int = 2, v: int = 25, seed: int = 0) -> torch.Tensor:
