@@ -419,6 +419,9 @@ class FinetuneConfig:
     pretrained: str | None = None
     """Exported encoder (``encoder.safetensors``) or a pre-training run / checkpoint dir;
     required by finetune, linear and semi; must be unset for scratch."""
+    encoder_blocks: int | None = None
+    """Keep only the first N blocks of the pre-trained encoder (then its final norm): probe or
+    fine-tune an intermediate layer's features. The classifier then has N blocks; None = all."""
     epochs: int = 100
     warmup_epochs: float = 5.0
     """Linear warmup length, then cosine decay to ``train.min_lr`` at the last epoch."""
@@ -463,6 +466,9 @@ class FinetuneConfig:
             raise ConfigError(f"pretrained: found {self.pretrained!r} with protocol scratch, expected none")
         if self.protocol == "semi" and self.data.label_fraction >= 1.0:
             raise ConfigError("data.label_fraction: found 1.0 with protocol semi, expected a fraction < 1 (e.g. 0.1)")
+        if self.encoder_blocks is not None and (self.protocol == "scratch" or self.encoder_blocks < 1):
+            raise ConfigError(f"encoder_blocks: found {self.encoder_blocks} with protocol {self.protocol}, expected "
+                              "null, or >= 1 with a pre-trained encoder (from scratch, set model.depth)")
         if self.epochs < 1:
             raise ConfigError(f"epochs: found {self.epochs}, expected >= 1")
         if not 0.0 <= self.warmup_epochs <= self.epochs:

@@ -98,7 +98,22 @@ def build_encoder(cfg: FinetuneConfig, *, num_joints: int, in_chans: int = 3
                                         num_joints=num_joints, in_chans=int(meta.get("in_chans", in_chans)))
     enc.load_state_dict(src.state_dict(), strict=True)  # same architecture: exact by construction
     log.info("loaded pre-trained encoder %s (%s, step %s)", cfg.pretrained, meta.get("format"), meta.get("step"))
-    return enc, _resolved_model(model_cfg), str(cfg.pretrained)
+    resolved = _resolved_model(model_cfg)
+    if cfg.encoder_blocks is not None:
+        if cfg.encoder_blocks > enc.depth:
+            raise ConfigError(f"encoder_blocks: found {cfg.encoder_blocks}, but the pre-trained encoder "
+                              f"{cfg.pretrained} has {enc.depth} blocks; expected 1..{enc.depth}")
+        log.info("using the first %d of the %d pre-trained blocks", cfg.encoder_blocks, enc.depth)
+        truncate_blocks(enc, cfg.encoder_blocks)
+        resolved["depth"] = enc.depth
+    return enc, resolved, str(cfg.pretrained)
+
+
+def truncate_blocks(enc: MotionTransformer, n: int) -> None:
+    """Keep the first ``n`` transformer blocks (and the final norm) in place: the encoder's
+    output becomes block ``n``'s, normalised; a checkpoint of it loads as a depth-``n`` model."""
+    enc.transformer.blocks = enc.transformer.blocks[:n]
+    enc.depth = n
 
 
 def _resolved_model(model_cfg: ModelConfig) -> dict[str, Any]:

@@ -108,6 +108,35 @@ def test_linear_probe_freezes_encoder_and_folds_head(store, encoder_file, tmp_pa
     assert ev["num_samples"] == res["test"]
 
 
+def test_encoder_blocks_probes_an_intermediate_block(store, encoder_file, tmp_path):
+    """encoder_blocks=1 of the 2-block tiny encoder: the classifier is a depth-1 model whose
+    features are block 0's output through the pre-trained final norm."""
+    cfg = _cfg(store, tmp_path / "b1", "protocol=linear", f"pretrained={encoder_file}", "encoder_blocks=1",
+               "epochs=1")
+    res = run_finetune(cfg)
+    model, meta = load_classifier(tmp_path / "b1" / "final")
+    assert meta["model"]["depth"] == 1 and len(model.encoder.transformer.blocks) == 1
+    from mtscale.train.checkpoint import load_encoder
+
+    full, _ = load_encoder(encoder_file)
+    assert full.depth == 2
+    x = torch.randn(3, 16, 2, 25, 3)
+    with torch.no_grad():
+        h = full.embed_tokens(full.tokenize(x))
+        want = full.transformer.norm(full.transformer.blocks[0](h, None))
+        got = model.encoder(x)
+        assert torch.allclose(got, want, atol=1e-5)
+        assert not torch.allclose(full(x), want, atol=1e-2)  # the second block did change the output
+    from mtscale.train.inference import evaluate_checkpoint
+
+    ev = evaluate_checkpoint(str(tmp_path / "b1" / "final"), store, split="xsub60", part="test", progress=False)
+    assert ev["top1"] == pytest.approx(res["test_top1"], abs=1e-6)
+    with pytest.raises(ConfigError, match="encoder_blocks: found 3.*has 2 blocks"):
+        run_finetune(_cfg(store, tmp_path / "b3", "protocol=linear", f"pretrained={encoder_file}", "encoder_blocks=3"))
+    with pytest.raises(ConfigError, match="encoder_blocks: found 1 with protocol scratch"):
+        _cfg(store, tmp_path / "b0", "protocol=scratch", "encoder_blocks=1")
+
+
 def test_semi_uses_label_subset_and_scratch_ignores_pretrained(store, encoder_file, tmp_path):
     cfg = _cfg(store, tmp_path / "semi", "protocol=semi", f"pretrained={encoder_file}", "data.label_fraction=0.25",
                "train.batch_size=8", "epochs=1")
