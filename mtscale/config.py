@@ -442,6 +442,11 @@ class FinetuneConfig:
     val_fraction: float = 0.1
     """Class-stratified, seeded share of the training part held out for validation (model
     selection never looks at the test part). Ignored when ``val_part`` is set; 0 = no validation."""
+    val_group: list[str] | None = None
+    """Manifest columns whose values tie samples together (e.g. ``[action, subject,
+    environment]``: the views of one NW-UCLA take; ``[subject]``: a performer): the
+    ``val_fraction`` hold-out takes whole groups, chosen per class, so no twin of a validation
+    sample trains. None = single samples."""
     val_part: str | None = None
     """Use this value of the split column (e.g. ``val``) as validation instead of a held-out share."""
     test_part: str | None = "test"
@@ -481,6 +486,8 @@ class FinetuneConfig:
             raise ConfigError(f"mixup: found {self.mixup}, expected >= 0")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction: found {self.val_fraction}, expected in [0, 1)")
+        if self.val_group is not None and not self.val_group:
+            raise ConfigError("val_group: found an empty list, expected manifest column names (or null)")
         if self.eval_clips < 1:
             raise ConfigError(f"eval_clips: found {self.eval_clips}, expected >= 1")
         if self.pool not in ("mean", "joint"):

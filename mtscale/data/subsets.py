@@ -40,3 +40,25 @@ def label_fraction_subset(labels: np.ndarray, fraction: float, seed: int) -> np.
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(c), 7])
         keep.append(rng.choice(members, size=k, replace=False))
     return np.sort(np.concatenate(keep))
+
+
+def grouped_fraction_subset(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Like :func:`label_fraction_subset`, but whole groups at a time: within each class ``c``,
+    :func:`class_quota` ``(g_c, fraction)`` of its ``g_c`` distinct ``groups`` values are
+    chosen (``rng(seed, c)``) and every sample of class ``c`` in them is kept. A group is a
+    take seen by several cameras, a performer, ...: what must not sit on both sides of a
+    hold-out. Sorted positions into ``labels``."""
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"val_fraction: found {fraction}, expected in (0, 1) for a grouped hold-out")
+    labels, groups = np.asarray(labels, dtype=np.int64), np.asarray(groups)
+    if groups.shape != labels.shape:
+        raise ConfigError(f"groups: found shape {groups.shape}, expected one group per sample {labels.shape}")
+    keep = []
+    labelled = np.flatnonzero(labels >= 0)
+    for c in np.unique(labels[labelled]):
+        members = labelled[labels[labelled] == c]
+        names = np.unique(groups[members])
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(c), 11])
+        chosen = rng.choice(names, size=class_quota(names.size, fraction), replace=False)
+        keep.append(members[np.isin(groups[members], chosen)])
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)

@@ -2,9 +2,10 @@
 
 Model selection never looks at the test part: validation is a ``val`` part of the split when
 ``val_part`` is set, otherwise a class-stratified, seeded ``val_fraction`` of the training
-part (seeded by ``data.subset_seed``, so every training seed validates on the same samples).
-The label-fraction subset (semi-supervised protocols) is then drawn from what is left, so the
-validation samples are never among the training labels. Every rank computes the same rows.
+part, whole groups of it with ``val_group`` (e.g. all views of one take), seeded by
+``data.subset_seed`` so every training seed validates on the same samples. The label-fraction
+subset (semi-supervised protocols) is then drawn from what is left, so the validation samples
+are never among the training labels. Every rank computes the same rows.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from mtscale.config import DataConfig, FinetuneConfig
 from mtscale.data.loader import ClipDataset, Selection, StatefulLoader
 from mtscale.data.augment import BatchAugment
 from mtscale.data.order import make_blocks
-from mtscale.data.subsets import label_fraction_subset
+from mtscale.data.subsets import grouped_fraction_subset, label_fraction_subset
 from mtscale.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,11 @@ def make_splits(store: Any, cfg: FinetuneConfig) -> Splits:
         val = store.select(split=d.split, part=cfg.val_part, where=d.where)
         val = val[labels[val] >= 0]
     elif cfg.val_fraction > 0:
-        pick = label_fraction_subset(labels[train], cfg.val_fraction, d.subset_seed ^ VAL_SALT)
+        if cfg.val_group:
+            pick = grouped_fraction_subset(labels[train], group_ids(store, cfg.val_group)[train], cfg.val_fraction,
+                                           d.subset_seed ^ VAL_SALT)
+        else:
+            pick = label_fraction_subset(labels[train], cfg.val_fraction, d.subset_seed ^ VAL_SALT)
         val = train[pick]
         train = np.delete(train, pick)
     else:
@@ -75,6 +80,18 @@ def make_splits(store: Any, cfg: FinetuneConfig) -> Splits:
     elif cfg.test_part is not None:
         log.warning("test_part=%r has no effect without data.split: no test evaluation", cfg.test_part)
     return Splits(np.sort(train), np.sort(val), None if test is None else np.sort(test))
+
+
+def group_ids(store: Any, columns: list[str]) -> np.ndarray:
+    """One integer per store row: equal iff the row has equal values in all ``columns``."""
+    names = store.manifest.column_names
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise ConfigError(f"val_group: found column {missing[0]!r}, which {store.url}'s manifest lacks; expected "
+                          f"columns of {names}")
+    codes = [np.unique(np.asarray(store.manifest.column(c).to_pylist(), dtype=object).astype(str),
+                       return_inverse=True)[1] for c in columns]
+    return np.unique(np.stack(codes, axis=1), axis=0, return_inverse=True)[1].reshape(-1)
 
 
 def selection_for_rows(store: Any, rows: np.ndarray, block_frames: int | None = None) -> Selection:

@@ -153,6 +153,26 @@ def test_semi_label_fraction_is_stratified_and_excludes_val(split_store):
     assert np.array_equal(s.train, again.train)
 
 
+def test_val_group_holds_out_whole_groups(split_store):
+    """Each class has 10 samples from 2 performers (5 each): val_fraction 0.2 of 2 groups is
+    1 group, so 5 validation samples per class, and no (class, performer) on both sides."""
+    s = make_splits(split_store, _cfg(split_store, val_fraction=0.2, val_group="[performer]"))
+    labels = split_store.labels
+    perf = np.asarray(split_store.manifest.column("performer").to_pylist())
+    assert np.bincount(labels[s.val], minlength=6).tolist() == [5] * 6
+    pairs = lambda rows: {(int(labels[r]), int(perf[r])) for r in rows}  # noqa: E731
+    assert len(pairs(s.val)) == 6 and not pairs(s.val) & pairs(s.train)
+    assert s.train.size == 30 and not np.intersect1d(s.train, s.val).size
+    # per class, the held-out performer is drawn independently (not one performer for all classes)
+    s_other = make_splits(split_store, _cfg(split_store, val_fraction=0.2, val_group="[performer]",
+                                            **{"data.subset_seed": 1}))
+    assert pairs(s_other.val) != pairs(s.val)
+    with pytest.raises(ConfigError, match="val_group: found column 'take'.*lacks"):
+        make_splits(split_store, _cfg(split_store, val_fraction=0.2, val_group="[take]"))
+    with pytest.raises(ConfigError, match="val_group: found an empty list"):
+        _cfg(split_store, val_group="[]")
+
+
 def test_val_part_and_errors(split_store):
     s = make_splits(split_store, _cfg(split_store, val_part="test", test_part="null"))
     assert s.test is None and s.val.size == 12 and s.train.size == 60
