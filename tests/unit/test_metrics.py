@@ -163,7 +163,7 @@ def test_val_group_holds_out_whole_groups(split_store):
     pairs = lambda rows: {(int(labels[r]), int(perf[r])) for r in rows}  # noqa: E731
     assert len(pairs(s.val)) == 6 and not pairs(s.val) & pairs(s.train)
     assert s.train.size == 30 and not np.intersect1d(s.train, s.val).size
-    # per class, the held-out performer is drawn independently (not one performer for all classes)
+    # the groups are drawn from data.subset_seed: another seed holds out other (class, performer) pairs
     s_other = make_splits(split_store, _cfg(split_store, val_fraction=0.2, val_group="[performer]",
                                             **{"data.subset_seed": 1}))
     assert pairs(s_other.val) != pairs(s.val)
