@@ -160,7 +160,7 @@ def test_val_group_holds_out_whole_groups(split_store):
     labels = split_store.labels
     perf = np.asarray(split_store.manifest.column("performer").to_pylist())
     assert np.bincount(labels[s.val], minlength=6).tolist() == [5] * 6
-    pairs = lambda rows: {(int(labels[r]), int(perf[r])) for r in rows}  # noqa: E731
+    pairs = lambda rows: {(int(labels[r]), int(perf[r])) for r in rows}
     assert len(pairs(s.val)) == 6 and not pairs(s.val) & pairs(s.train)
     assert s.train.size == 30 and not np.intersect1d(s.train, s.val).size
     # the groups are drawn from data.subset_seed: another seed holds out other (class, performer) pairs
