@@ -4,6 +4,7 @@
   exactly one global batch, full-length crops, no augmentation, masking keyed by sample);
 - the ZeRO-3 export (all parameters partitioned) loads into a fresh encoder with exactly the
   expected keys and equals the 1-rank run's weights;
+- ``model.rel_bias`` under ZeRO-3 reproduces its one-process run;
 - SIGKILL after a checkpoint, then resume, reproduces the uninterrupted loss curve;
 - SIGUSR1 checkpoints at the next step and exits 0;
 - two "nodes" on loopback (two launcher processes, node ranks 0 and 1) complete.
@@ -129,6 +130,29 @@ def test_zero_two_ranks_match_one_rank(stage: int, store: Path, reference: Path,
         assert got[s] == pytest.approx(ref[s], rel=5e-5, abs=1e-6), (stage, s, got, ref)
     if stage == 3:
         _check_exported_encoder(run_dir, reference)
+
+
+def test_rel_bias_under_zero3_matches_one_rank(store: Path, tmp_path: Path) -> None:
+    """``model.rel_bias`` keeps its tables on the encoder module itself and indexes them per token
+    pair of each sample's visible subset; with every parameter partitioned (ZeRO-3, threshold 0)
+    2 ranks still reproduce one process: the loss curve and the trained tables."""
+    import torch
+
+    from mtscale.train.checkpoint import load_encoder
+
+    one, two = tmp_path / "one", tmp_path / "zero3"
+    _run(_single(store, one, **{"model.rel_bias": True}))
+    _run(_launcher(store, two, **{"model.rel_bias": True, "train.zero_stage": 3,
+                                  "train.zero3_param_persistence_threshold": 0}))
+    ref, got = _losses(one), _losses(two)
+    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+    for s in ref:
+        assert got[s] == pytest.approx(ref[s], rel=5e-5, abs=1e-6), (s, got, ref)
+    sa = load_encoder(one / "encoder.safetensors")[0].state_dict()
+    sb = load_encoder(two / "encoder.safetensors")[0].state_dict()
+    for k in ("bias_v", "bias_t"):
+        assert float(sa[k].abs().max()) > 1e-4, k  # trained away from its zero init ...
+        assert torch.allclose(sa[k], sb[k], atol=1e-4), (k, float((sa[k] - sb[k]).abs().max()))  # ... alike
 
 
 def _check_exported_encoder(run_dir: Path, reference: Path) -> None:
