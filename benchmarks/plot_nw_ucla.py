@@ -3,7 +3,7 @@ table (and benchmarks/README.md, "NW-UCLA"), drawn as one PNG.
 
 The runs themselves take hours on the 2-core dev VM and their run directories are not kept,
 so the measured values are recorded here, each with what produced it; rerun the commands in
-the README to reproduce a point, add it to RUNS and re-draw:
+the README to reproduce a point, add it to FINETUNED / LINEAR (or EXTENDED) and re-draw:
 
     python benchmarks/plot_nw_ucla.py --out benchmarks/nw_ucla_pretrain_steps.png
 
@@ -37,6 +37,14 @@ LINEAR = {0: 72.6, 6000: 73.7, 12000: 80.0}
 TARGETS = {"fine-tuned target 94.5": 94.5, "linear target 90": 90.0}
 
 
+def _seeds(ax, step: int, cpu_s: float, accs: list[float], mean: float) -> None:
+    """One point per fine-tuning seed, and the pre-training CPU time under the mean."""
+    ax.scatter([step] * len(accs), accs, color="tab:blue", s=14, alpha=0.6)
+    if cpu_s:
+        ax.annotate(f"{cpu_s / 3600:.1f} CPU-h", (step, mean), textcoords="offset points", xytext=(0, -16),
+                    ha="center", fontsize=7, color="0.35")
+
+
 def plot(out: Path) -> Path:
     import matplotlib
 
@@ -47,27 +55,21 @@ def plot(out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     steps = sorted(FINETUNED)
     mean = [float(np.mean(FINETUNED[s][1])) for s in steps]
-    for s in steps:
-        ax.scatter([s] * len(FINETUNED[s][1]), FINETUNED[s][1], color="tab:blue", s=14, alpha=0.6)
+    for s, m in zip(steps, mean):
+        _seeds(ax, s, *FINETUNED[s], m)
     ax.plot(steps, mean, "o-", color="tab:blue", label="fine-tuned (mean of seeds; 0 = from scratch)")
     ls = sorted(LINEAR)
     ax.plot(ls, [LINEAR[s] for s in ls], "s-", color="tab:green", label="linear probe (0 = random-init encoder)")
     for s, (cpu, accs) in EXTENDED.items():
         m = float(np.mean(accs))
-        ax.scatter([s] * len(accs), accs, color="tab:blue", s=14, alpha=0.6)
+        _seeds(ax, s, cpu, accs, m)
         ax.plot([steps[-1], s], [mean[-1], m], "o--", color="tab:blue", mfc="white",
                 label="12,000-step run resumed to 24,000 (schedule extended)")
-        ax.annotate(f"{cpu / 3600:.1f} CPU-h", (s, m), textcoords="offset points", xytext=(0, -16), ha="center",
-                    fontsize=7, color="0.35")
     for s, v in LINEAR_EXTENDED.items():
         ax.plot([ls[-1], s], [LINEAR[ls[-1]], v], "s--", color="tab:green", mfc="white")
     for (name, v), c in zip(TARGETS.items(), ("tab:blue", "tab:green")):
         ax.axhline(v, color=c, ls="--", lw=1, alpha=0.7)
         ax.text(max(EXTENDED), v + 0.3, name, ha="right", va="bottom", fontsize=8, color=c)
-    for s, m in zip(steps, mean):
-        if s:
-            ax.annotate(f"{FINETUNED[s][0] / 3600:.1f} CPU-h", (s, m), textcoords="offset points", xytext=(0, -16),
-                        ha="center", fontsize=7, color="0.35")
     ax.set_xlabel("pre-training steps (batch 64, masked motion, 75 % of patches)")
     ax.set_ylabel("NW-UCLA view 3 top-1 (%)")
     ax.set_title("NW-UCLA: accuracy vs pre-training length (2-core CPU, last epoch)", fontsize=10)
