@@ -141,8 +141,24 @@ class ModelConfig:
     temporal-patch offset, added to the attention logits of all blocks (zero at init; Swin-style
     relative position bias over the skeleton's joints). Costs one (B, H, L, L) bias on the
     masked encoder's visible tokens; meant for small data (NW-UCLA), off by default."""
+    temporal_conv: int = 0
+    """Width (odd, frames of tokens) of a depthwise temporal convolution over each joint's tokens
+    in every encoder block, parallel to attention behind a zero-initialised gate (0 = off); see
+    models/layers.py."""
+    joint_mix: str = "none"
+    """Per-head learned (V, V) joint mixing of the attention values, behind a zero-initialised
+    gate (patch tokens): ``none`` | ``identity`` | ``adjacency`` (initialised to the layout's
+    normalised skeleton adjacency)."""
+    attn_drop: float = 0.0
+    """Dropout on the attention weights of the encoder (training only; SkateFormer: 0.5)."""
 
     def __post_init__(self) -> None:
+        if self.temporal_conv < 0 or (self.temporal_conv and self.temporal_conv % 2 == 0):
+            raise ConfigError(f"model.temporal_conv: found {self.temporal_conv}, expected 0 (off) or an odd width")
+        if self.joint_mix not in ("none", "identity", "adjacency"):
+            raise ConfigError(f"model.joint_mix: found {self.joint_mix!r}, expected none|identity|adjacency")
+        if not 0.0 <= self.attn_drop < 1.0:
+            raise ConfigError(f"model.attn_drop: found {self.attn_drop}, expected in [0, 1)")
         if self.tokenization not in ("frame", "patch"):
             raise ConfigError(f"model.tokenization: found {self.tokenization!r}, expected 'frame' or 'patch'")
         if self.attn_backend not in ("auto", "flash", "efficient", "cudnn", "math"):

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from mtscale.config import ModelConfig
 from mtscale.errors import ConfigError
-from mtscale.models.layers import Transformer, init_weights, key_padding_to_attn_mask
+from mtscale.models.layers import Transformer, init_weights, key_padding_to_attn_mask, normalized_adjacency
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,8 @@ class MotionTransformer(nn.Module):
                  tokenization: str = "patch", clip_frames: int = 120, num_bodies: int = 2,
                  num_joints: int = 25, in_chans: int = 3, patch_frames: int = 4,
                  drop_path: float = 0.0, qkv_bias: bool = True, attn_backend: str = "auto",
-                 checkpoint_activations: bool = False, rel_bias: bool = False):
+                 checkpoint_activations: bool = False, rel_bias: bool = False, temporal_conv: int = 0,
+                 joint_mix: str = "none", attn_drop: float = 0.0, parents: tuple[int, ...] | None = None):
         super().__init__()
         if tokenization not in ("frame", "patch"):
             raise ConfigError(f"model.tokenization: found {tokenization!r}, expected 'frame' or 'patch'")
@@ -94,8 +95,19 @@ class MotionTransformer(nn.Module):
         self.embed = nn.Linear(self.token_dim, dim)
         self.pos_t = nn.Parameter(torch.empty(1, self.grid[0], 1, dim))
         self.pos_v = nn.Parameter(torch.empty(1, 1, self.grid[1], dim)) if tokenization == "patch" else None
+        if joint_mix != "none" and tokenization != "patch":
+            raise ConfigError(f"model.joint_mix: found {joint_mix!r} with tokenization 'frame', expected patch tokens")
+        mix_init = None
+        if joint_mix == "adjacency" and parents is not None:
+            if len(parents) != num_joints:
+                raise ConfigError(f"model.joint_mix: the layout has {len(parents)} joints, expected {num_joints}")
+            mix_init = normalized_adjacency(tuple(parents))
+        elif joint_mix != "none":  # identity, or adjacency rebuilt for loading (weights overwrite it)
+            mix_init = torch.eye(num_joints)
+        self.temporal_conv, self.joint_mix, self.attn_drop = temporal_conv, joint_mix, attn_drop
         self.transformer = Transformer(dim, depth, heads, mlp_ratio, drop_path, qkv_bias, attn_backend,
-                                       checkpoint_activations)
+                                       checkpoint_activations, attn_drop=attn_drop, grid=self.grid,
+                                       temporal_conv=temporal_conv, mix_init=mix_init)
         if rel_bias and tokenization != "patch":
             raise ConfigError("model.rel_bias: found true with tokenization 'frame', expected patch tokens")
         # relative attention bias (model.rel_bias): (H, V, V) joint pairs, (H, 2 Lt - 1) time offsets
@@ -113,14 +125,17 @@ class MotionTransformer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, *, clip_frames: int, num_bodies: int, num_joints: int,
-                    in_chans: int = 3) -> MotionTransformer:
+                    in_chans: int = 3, parents: tuple[int, ...] | None = None) -> MotionTransformer:
+        """``parents`` (the layout's kinematic tree) initialises ``joint_mix: adjacency``; without
+        it (a model about to load its weights) that matrix starts as the identity."""
         s = resolve_size(cfg)
         return cls(dim=s.dim, depth=s.depth, heads=s.heads, mlp_ratio=s.mlp_ratio,
                    tokenization=cfg.tokenization, clip_frames=clip_frames, num_bodies=num_bodies,
                    num_joints=num_joints, in_chans=in_chans, patch_frames=cfg.patch_frames,
                    drop_path=cfg.drop_path, qkv_bias=getattr(cfg, "qkv_bias", True),
                    attn_backend=cfg.attn_backend, checkpoint_activations=cfg.checkpoint_activations,
-                   rel_bias=getattr(cfg, "rel_bias", False))
+                   rel_bias=cfg.rel_bias, temporal_conv=cfg.temporal_conv, joint_mix=cfg.joint_mix,
+                   attn_drop=cfg.attn_drop, parents=parents)
 
     # ------------------------------------------------------------------ tokens
     @property
@@ -183,13 +198,14 @@ class MotionTransformer(nn.Module):
 
     def encode(self, h_BLD: Tensor, valid_BL: Tensor | None = None, ids_BL: Tensor | None = None) -> Tensor:
         """Run the transformer (blocks + final norm) on embedded tokens: all L of them, or the
-        subset ``ids_BL`` (B, Lk) (needed only for ``rel_bias``, which depends on positions)."""
+        subset ``ids_BL`` (B, Lk) (``rel_bias``, ``temporal_conv`` and ``joint_mix`` depend on
+        the tokens' positions)."""
         mask = key_padding_to_attn_mask(valid_BL)
         bias = self.attn_bias(ids_BL)
         if bias is not None:
             bias = bias.to(h_BLD.dtype)
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
-        return self.transformer(h_BLD, mask)
+        return self.transformer(h_BLD, mask, ids_BL)
 
     # ------------------------------------------------------------------ public
     def forward(self, x_NTMVC: Tensor, mask_NT: Tensor | None = None) -> Tensor:
@@ -281,14 +297,22 @@ def layer_id_for(name: str, depth: int) -> int:
     return depth + 1
 
 
-NO_DECAY_SUFFIXES = ("bias", "_token", "pos_t", "pos_v", "bias_v", "bias_t")
-"""Parameter-name endings kept out of weight decay: biases, learned tokens, position embeddings
-and the relative attention biases (``bias_v`` / ``bias_t``); every vector (LayerNorm) too."""
+NO_DECAY_SUFFIXES = ("bias", "_token", "pos_t", "pos_v", "bias_v", "bias_t", "attn.mix")
+"""Parameter-name endings kept out of weight decay: biases, learned tokens, position embeddings,
+the relative attention biases (``bias_v`` / ``bias_t``) and the joint-mixing matrices (decay
+would pull an adjacency initialisation to zero); every vector (LayerNorm, gates) too."""
+
+
+def full_shape(p: nn.Parameter) -> tuple[int, ...]:
+    """A parameter's true shape, also under ZeRO-3, where ``p`` itself is an empty partition
+    (shape ``(0,)``) and DeepSpeed keeps the real shape in ``ds_shape``."""
+    return tuple(getattr(p, "ds_shape", p.shape))
 
 
 def no_weight_decay(name: str, p: nn.Parameter) -> bool:
-    """The one rule for which parameters AdamW leaves undecayed (pre-training and fine-tuning)."""
-    return p.ndim < 2 or name.endswith(NO_DECAY_SUFFIXES)
+    """The one rule for which parameters AdamW leaves undecayed (pre-training and fine-tuning);
+    it reads the full shape, so it decides the same under ZeRO-3 partitioning."""
+    return len(full_shape(p)) < 2 or name.endswith(NO_DECAY_SUFFIXES)
 
 
 def param_groups_lrd(model: nn.Module, depth: int, weight_decay: float, layer_decay: float) -> list[dict]:

@@ -6,6 +6,25 @@ it, so the backend choice (``auto|flash|efficient|cudnn|math``) and its logging 
 place. Shapes: B sequences (batch, possibly with bodies folded in), L tokens, D model width,
 H heads, Dh = D / H.
 
+Skeleton-aware options (patch tokens on a (Lt, Lv) grid of temporal patches x joints; each off
+by default, each entering through a zero-initialised gate so that a block built with it computes
+exactly what the block without it computed until the gate moves, and an encoder pre-trained
+without it loads and starts where it was):
+
+* ``temporal_conv`` (k > 0): a depthwise convolution of width k along time over each joint's
+  token sequence, in parallel with attention (SkateFormer's / ST-GCN's local temporal path);
+  gated per channel (``tconv_gate``).
+* ``joint_mix``: a learned (V, V) mixing matrix per head applied to the values of each temporal
+  patch, added to the attention output: ``softmax(QK^T) V + a_h * Phi_h V`` (Hyperformer's
+  joint-mixing term), ``Phi`` initialised to the identity or to the skeleton's normalised
+  adjacency; gated per head (``attn.mix_gate``).
+* ``attn_drop``: dropout on the attention weights (training only).
+
+In masked pre-training only the visible tokens exist: both branches then see the grid with the
+hidden tokens set to zero (:func:`to_grid`), i.e. they mix visible neighbours only, and their
+outputs are read back at the visible positions. This is the same rule that masked convolutions
+use; the decoder (plain blocks) never sees a branch.
+
 Key-padding masks: a boolean mask is passed to SDPA only when some token is actually padded
 (the loader resamples clips to T frames, so usually none is). On CPU the fused flash kernel
 accepts a boolean mask; on CUDA an ``attn_mask`` rules out the flash kernel (SDPA then runs the
@@ -16,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -88,28 +106,77 @@ def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with one fused QKV projection."""
+def to_grid(x_BLX: Tensor, grid: tuple[int, int], ids_BL: Tensor | None) -> Tensor:
+    """Tokens (B, Lk, *X) -> the full token grid (B, Lt, Lv, *X): all L tokens (``ids_BL`` None),
+    or the tokens at positions ``ids_BL`` (B, Lk) with every other position zero."""
+    B, X = x_BLX.shape[0], x_BLX.shape[2:]
+    Lt, Lv = grid
+    if ids_BL is None:
+        return x_BLX.reshape(B, Lt, Lv, *X)
+    flat = x_BLX.reshape(B, x_BLX.shape[1], -1)
+    full = flat.new_zeros(B, Lt * Lv, flat.shape[-1])
+    full = full.scatter(1, ids_BL[..., None].expand(-1, -1, flat.shape[-1]), flat)
+    return full.reshape(B, Lt, Lv, *X)
 
-    def __init__(self, dim: int, heads: int, qkv_bias: bool = True, backend: str = "auto"):
+
+def from_grid(g_BTVX: Tensor, ids_BL: Tensor | None) -> Tensor:
+    """Inverse of :func:`to_grid`: (B, Lt, Lv, *X) -> (B, Lk, *X) at ``ids_BL`` (all L if None)."""
+    B, Lt, Lv = g_BTVX.shape[:3]
+    X = g_BTVX.shape[3:]
+    flat = g_BTVX.reshape(B, Lt * Lv, -1)
+    if ids_BL is not None:
+        flat = torch.gather(flat, 1, ids_BL[..., None].expand(-1, -1, flat.shape[-1]))
+    return flat.reshape(B, flat.shape[1], *X)
+
+
+def normalized_adjacency(parents: tuple[int, ...]) -> Tensor:
+    """D^-1/2 (A + I) D^-1/2 of the kinematic tree ``parents`` (root: -1), (V, V) float32."""
+    V = len(parents)
+    a = torch.eye(V)
+    for j, p in enumerate(parents):
+        if p >= 0:
+            a[j, p] = a[p, j] = 1.0
+    d = a.sum(1).rsqrt()
+    return d[:, None] * a * d[None, :]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection; optionally attention dropout and
+    a gated per-head joint mixing of the values (``mix``: (H, V, V), see the module docstring)."""
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True, backend: str = "auto",
+                 attn_drop: float = 0.0, mix_init: Tensor | None = None):
         super().__init__()
         if dim % heads:
             from mtscale.errors import ConfigError
 
             raise ConfigError(f"model.heads: found {heads}, expected a divisor of dim={dim}")
-        self.heads, self.backend = heads, backend
+        self.heads, self.backend, self.attn_drop = heads, backend, float(attn_drop)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        if mix_init is not None:
+            self.mix = nn.Parameter(mix_init.detach().float().expand(heads, *mix_init.shape).clone())
+            self.mix_gate = nn.Parameter(torch.zeros(heads))
+        else:
+            self.mix = self.mix_gate = None
 
-    def forward(self, x_BLD: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x_BLD: Tensor, attn_mask: Tensor | None = None, grid: tuple[int, int] | None = None,
+                ids_BL: Tensor | None = None) -> Tensor:
         B, L, D = x_BLD.shape
+        H = self.heads
         # (B, L, 3, H, Dh) -> q, k, v (B, H, L, Dh) as strided views (SDPA takes them as they
         # are). unbind's backward stacks the three grads straight into the (B, L, 3, H, Dh)
         # layout of the fused projection: no zero-filled buffer + copies as with qkv[i] indexing.
-        q, k, v = self.qkv(x_BLD).view(B, L, 3, self.heads, D // self.heads).unbind(2)
-        o_BHLd = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, 0.0, self.backend)
+        q, k, v = self.qkv(x_BLD).view(B, L, 3, H, D // H).unbind(2)
+        p = self.attn_drop if self.training else 0.0
+        o_BHLd = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, p, self.backend)
         # The CPU flash / CUDA kernels return (B, L, H, Dh) memory viewed as (B, H, L, Dh): free reshape.
-        return self.proj(o_BHLd.transpose(1, 2).reshape(B, L, D))
+        o_BLHd = o_BHLd.transpose(1, 2)
+        if self.mix is not None:
+            v_BTVHd = to_grid(v, grid, ids_BL)  # hidden tokens: zero values
+            m_BTVHd = torch.einsum("hvw,btwhd->btvhd", self.mix.to(v.dtype), v_BTVHd)
+            o_BLHd = o_BLHd + from_grid(m_BTVHd, ids_BL) * self.mix_gate.to(v.dtype)[:, None]
+        return self.proj(o_BLHd.reshape(B, L, D))
 
 
 class Mlp(nn.Module):
@@ -143,42 +210,77 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+class TemporalConv(nn.Module):
+    """Depthwise convolution of width ``k`` along time over each joint's tokens: (B, Lt, Lv, D) ->
+    same, zero padding at the clip's ends."""
+
+    def __init__(self, dim: int, k: int):
+        super().__init__()
+        self.conv = nn.Conv1d(dim, dim, k, padding=k // 2, groups=dim)
+
+    def forward(self, g_BTVD: Tensor) -> Tensor:
+        B, Lt, Lv, D = g_BTVD.shape
+        y = self.conv(g_BTVD.permute(0, 2, 3, 1).reshape(B * Lv, D, Lt))  # (B Lv, D, Lt)
+        return y.reshape(B, Lv, D, Lt).permute(0, 3, 1, 2)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)); x + mlp(ln(x))."""
+    """Pre-norm transformer block: x + attn(ln(x)) [+ gated temporal conv(ln(x))]; x + mlp(ln(x)).
+
+    ``grid`` (Lt, Lv) is the token grid the skeleton-aware options work on (see the module
+    docstring); ``mix_init`` (V, V) turns the joint mixing on, ``temporal_conv`` > 0 the conv."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 qkv_bias: bool = True, backend: str = "auto"):
+                 qkv_bias: bool = True, backend: str = "auto", *, attn_drop: float = 0.0,
+                 grid: tuple[int, int] | None = None, temporal_conv: int = 0, mix_init: Tensor | None = None):
         super().__init__()
+        if (temporal_conv or mix_init is not None) and grid is None:
+            raise ValueError("temporal_conv / joint mixing need the token grid")
+        self.grid = grid
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, heads, qkv_bias=qkv_bias, backend=backend)
+        self.attn = Attention(dim, heads, qkv_bias=qkv_bias, backend=backend, attn_drop=attn_drop,
+                              mix_init=mix_init)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(round(dim * mlp_ratio)))
         self.drop_path = DropPath(drop_path)
+        if temporal_conv:
+            self.tconv = TemporalConv(dim, temporal_conv)
+            self.tconv_gate = nn.Parameter(torch.zeros(dim))
+        else:
+            self.tconv = self.tconv_gate = None
 
-    def forward(self, x_BLD: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        x_BLD = x_BLD + self.drop_path(self.attn(self.norm1(x_BLD), attn_mask))
+    def forward(self, x_BLD: Tensor, attn_mask: Tensor | None = None, ids_BL: Tensor | None = None) -> Tensor:
+        h_BLD = self.norm1(x_BLD)
+        a_BLD = self.attn(h_BLD, attn_mask, self.grid, ids_BL)
+        if self.tconv is not None:
+            c_BLD = from_grid(self.tconv(to_grid(h_BLD, self.grid, ids_BL)), ids_BL)
+            a_BLD = a_BLD + c_BLD * self.tconv_gate.to(c_BLD.dtype)
+        x_BLD = x_BLD + self.drop_path(a_BLD)
         return x_BLD + self.drop_path(self.mlp(self.norm2(x_BLD)))
 
 
 class Transformer(nn.Module):
-    """A stack of pre-norm blocks + final LayerNorm, with optional activation checkpointing."""
+    """A stack of pre-norm blocks + final LayerNorm, with optional activation checkpointing.
+    ``block_kw`` (attn_drop, grid, temporal_conv, mix_init) goes to every block."""
 
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 qkv_bias: bool = True, backend: str = "auto", checkpoint_activations: bool = False):
+                 qkv_bias: bool = True, backend: str = "auto", checkpoint_activations: bool = False,
+                 **block_kw):
         super().__init__()
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linear decay rule
         self.blocks = nn.ModuleList(
-            Block(dim, heads, mlp_ratio, rates[i], qkv_bias, backend) for i in range(depth)
+            Block(dim, heads, mlp_ratio, rates[i], qkv_bias, backend, **block_kw) for i in range(depth)
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.checkpoint_activations = checkpoint_activations
 
-    def forward(self, x_BLD: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x_BLD: Tensor, attn_mask: Tensor | None = None, ids_BL: Tensor | None = None) -> Tensor:
+        """``ids_BL`` (B, Lk): the grid positions of the Lk tokens given (None: all L, in order)."""
         for blk in self.blocks:
             if self.checkpoint_activations and self.training and torch.is_grad_enabled():
-                x_BLD = checkpoint(blk, x_BLD, attn_mask, use_reentrant=False)
+                x_BLD = checkpoint(blk, x_BLD, attn_mask, ids_BL, use_reentrant=False)
             else:
-                x_BLD = blk(x_BLD, attn_mask)
+                x_BLD = blk(x_BLD, attn_mask, ids_BL)
         return self.norm(x_BLD)
 
 
@@ -210,8 +312,3 @@ def init_weights(m: nn.Module) -> None:
         if m.bias is not None:
             nn.init.zeros_(m.bias)
 
-
-def iter_block_modules(model: nn.Module) -> Iterator[Block]:
-    for m in model.modules():
-        if isinstance(m, Block):
-            yield m

@@ -208,11 +208,12 @@ class PretrainModel(nn.Module):
 
 
 def build_pretrain_model(model_cfg: ModelConfig, objective_cfg: ObjectiveConfig, *, clip_frames: int,
-                         num_bodies: int, num_joints: int, in_chans: int = 3) -> PretrainModel:
+                         num_bodies: int, num_joints: int, in_chans: int = 3,
+                         parents: tuple[int, ...] | None = None) -> PretrainModel:
     """Encoder (from the size registry + overrides) + objective. ``model_cfg.compile`` is left to
     the caller (compile the returned module, or use the engine's compile) so that state-dict
     keys stay un-prefixed."""
     enc = MotionTransformer.from_config(model_cfg, clip_frames=clip_frames, num_bodies=num_bodies,
-                                        num_joints=num_joints, in_chans=in_chans)
+                                        num_joints=num_joints, in_chans=in_chans, parents=parents)
     return PretrainModel(enc, objective_cfg, attn_backend=model_cfg.attn_backend,
                          checkpoint_activations=model_cfg.checkpoint_activations)

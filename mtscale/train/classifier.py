@@ -36,7 +36,11 @@ WEIGHTS = "model.safetensors"
 META = "meta.json"
 # Model fields that only change how the architecture runs (not its weights): taken from the
 # fine-tuning config even when the architecture comes from the pre-trained file.
-RUNTIME_FIELDS = ("drop_path", "attn_backend", "checkpoint_activations", "compile")
+RUNTIME_FIELDS = ("drop_path", "attn_backend", "checkpoint_activations", "compile", "attn_drop")
+# Model fields that add new, zero-gated branches (models/layers.py): the fine-tuning config may turn
+# them on over a pre-trained encoder built without them; the branches' parameters are then the
+# only keys the file lacks, and the encoder starts exactly where pre-training left it.
+ADDABLE_FIELDS = {"temporal_conv": 0, "joint_mix": "none"}
 
 
 # --------------------------------------------------------------------------- encoder
@@ -68,17 +72,19 @@ def load_pretrained(path: str | Path) -> tuple[MotionTransformer, dict[str, Any]
         return load_encoder(out)
 
 
-def build_encoder(cfg: FinetuneConfig, *, num_joints: int, in_chans: int = 3
-                  ) -> tuple[MotionTransformer, dict[str, Any], str | None]:
+def build_encoder(cfg: FinetuneConfig, *, num_joints: int, in_chans: int = 3,
+                  parents: tuple[int, ...] | None = None) -> tuple[MotionTransformer, dict[str, Any], str | None]:
     """The encoder this run trains, its resolved model section (dict) and the pre-trained
     source (None from scratch).
 
     With a pre-trained encoder the architecture is the file's (``cfg.model`` may differ only
-    in runtime fields: drop_path, attn_backend, ...), and the clip geometry must match the
-    data section (position embeddings are per frame patch)."""
+    in runtime fields: drop_path, attn_backend, ..., or add a branch the file lacks:
+    ``ADDABLE_FIELDS``), and the clip geometry must match the data section (position
+    embeddings are per frame patch). ``parents``: the layout's tree (``joint_mix: adjacency``)."""
     if not cfg.needs_pretrained:
         enc = MotionTransformer.from_config(cfg.model, clip_frames=cfg.data.clip_frames,
-                                            num_bodies=cfg.data.num_bodies, num_joints=num_joints, in_chans=in_chans)
+                                            num_bodies=cfg.data.num_bodies, num_joints=num_joints, in_chans=in_chans,
+                                            parents=parents)
         return enc, _resolved_model(cfg.model), None
     if not cfg.pretrained:
         raise ConfigError(f"pretrained: missing with protocol {cfg.protocol}, expected an exported encoder "
@@ -93,10 +99,20 @@ def build_encoder(cfg: FinetuneConfig, *, num_joints: int, in_chans: int = 3
     for k in RUNTIME_FIELDS:
         if hasattr(cfg.model, k):
             model_dict[k] = getattr(cfg.model, k)
+    added = []
+    for k, off in ADDABLE_FIELDS.items():
+        want, have = getattr(cfg.model, k), model_dict.get(k, off)
+        if want != off and want != have:
+            if have != off:
+                raise ConfigError(f"model.{k}: found {want!r}, but the pre-trained encoder {cfg.pretrained} was "
+                                  f"built with {k}={have!r}; expected the same (or {off!r} to keep the file's)")
+            model_dict[k] = want
+            added.append(f"{k}={want!r}")
     model_cfg = from_dict(ModelConfig, model_dict, "model")
     enc = MotionTransformer.from_config(model_cfg, clip_frames=cfg.data.clip_frames, num_bodies=cfg.data.num_bodies,
-                                        num_joints=num_joints, in_chans=int(meta.get("in_chans", in_chans)))
-    enc.load_state_dict(src.state_dict(), strict=True)  # same architecture: exact by construction
+                                        num_joints=num_joints, in_chans=int(meta.get("in_chans", in_chans)),
+                                        parents=parents)
+    load_encoder_state(enc, src.state_dict(), str(cfg.pretrained), added)
     log.info("loaded pre-trained encoder %s (%s, step %s)", cfg.pretrained, meta.get("format"), meta.get("step"))
     resolved = _resolved_model(model_cfg)
     if cfg.encoder_blocks is not None:
@@ -107,6 +123,23 @@ def build_encoder(cfg: FinetuneConfig, *, num_joints: int, in_chans: int = 3
         truncate_blocks(enc, cfg.encoder_blocks)
         resolved["depth"] = enc.depth
     return enc, resolved, str(cfg.pretrained)
+
+
+def load_encoder_state(enc: MotionTransformer, state: dict[str, torch.Tensor], where: str,
+                       added: list[str]) -> None:
+    """Load a pre-trained encoder's ``state`` into ``enc``: exactly its keys, except the parameters
+    of branches ``added`` over it (zero-gated), which must be the only missing keys; logs them."""
+    expected = enc.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    new = [k for k in missing if ".tconv." in k or k.endswith(("tconv_gate", "attn.mix", "attn.mix_gate"))]
+    if unexpected or (set(missing) - set(new)) or (missing and not added):
+        raise BadInputError(where, None, f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}",
+                            "exactly the keys of the encoder described by its encoder.json")
+    enc.load_state_dict(state, strict=False)
+    if missing:
+        log.info("added %s over the pre-trained encoder: %d new parameters, zero-gated: %s",
+                 ", ".join(added), len(missing), ", ".join(missing))
 
 
 def truncate_blocks(enc: MotionTransformer, n: int) -> None:

@@ -68,7 +68,7 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None = None,
     torch.manual_seed(seed)  # the same initial weights on every rank
     store = Store.open(cfg.data.store)
     splits = make_splits(store, cfg)
-    encoder, model_dict, source = build_encoder(cfg, num_joints=store.layout.num_joints)
+    encoder, model_dict, source = build_encoder(cfg, num_joints=store.layout.num_joints, parents=store.layout.parents)
     model = build_classifier(encoder, store.num_classes, head="linear" if cfg.protocol == "linear" else "layernorm",
                              head_drop=cfg.head_drop, pool=cfg.pool, hidden=cfg.head_hidden).to(rt.device)
     torch.manual_seed(seed * 1000 + rt.world.rank)  # dropout / drop-path / mixup differ per rank

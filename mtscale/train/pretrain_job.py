@@ -75,7 +75,8 @@ def _run(cfg: PretrainConfig, world: World, device: torch.device, backend: str, 
     torch.manual_seed(tr.seed)  # identical initial weights on every rank and every run
     engine, model = build_engine(
         lambda: build_pretrain_model(cfg.model, cfg.objective, clip_frames=cfg.data.clip_frames,
-                                     num_bodies=cfg.data.num_bodies, num_joints=num_joints),
+                                     num_bodies=cfg.data.num_bodies, num_joints=num_joints,
+                                     parents=store.layout.parents),
         tr, ds_config)
     cfg_dict = to_dict(cfg)
     layout = getattr(store.layout, "name", None)

@@ -1,0 +1,182 @@
+"""Skeleton-aware block options (issue 26): temporal conv, joint mixing, attention dropout.
+
+Zero-gate equivalence (a block with the new branches at their initial gates computes what the
+plain block computes), the grid rule under masking, parameter counts, weight-decay groups, and
+loading an encoder pre-trained without the branches into a model with them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtscale.config import FinetuneConfig, ModelConfig
+from mtscale.data.layouts import get_layout
+from mtscale.errors import BadInputError, ConfigError
+from mtscale.models.encoder import MotionTransformer, no_weight_decay, param_groups_lrd
+from mtscale.models.layers import from_grid, normalized_adjacency, to_grid
+from mtscale.train.classifier import load_encoder_state
+
+N, T, M, C = 2, 16, 1, 3
+LAYOUT = get_layout("kinect_v1_20")
+V = LAYOUT.num_joints
+
+
+def enc(**kw) -> MotionTransformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(size="tiny", tokenization="patch", patch_frames=4, **kw)
+    return MotionTransformer.from_config(cfg, clip_frames=T, num_bodies=M, num_joints=V, parents=LAYOUT.parents)
+
+
+def x_batch() -> torch.Tensor:
+    return torch.randn(N, T, M, V, C, generator=torch.Generator().manual_seed(1))
+
+
+def test_zero_gates_reproduce_the_plain_encoder() -> None:
+    """Same seed -> the plain encoder's weights are a subset; with the gates at 0 the output is equal."""
+    plain, rich = enc(), enc(temporal_conv=3, joint_mix="adjacency", attn_drop=0.5)
+    missing = sorted(set(rich.state_dict()) - set(plain.state_dict()))
+    assert missing and all(".tconv." in k or k.endswith(("tconv_gate", "attn.mix", "attn.mix_gate")) for k in missing)
+    rich.load_state_dict(plain.state_dict(), strict=False)
+    plain.eval(), rich.eval()
+    x = x_batch()
+    torch.testing.assert_close(rich(x), plain(x), rtol=1e-5, atol=1e-6)
+    # gates open: the output changes (the branches are wired in)
+    with torch.no_grad():
+        for b in rich.transformer.blocks:
+            b.tconv_gate.fill_(0.5)
+            b.attn.mix_gate.fill_(0.5)
+    assert (rich(x) - plain(x)).abs().max() > 1e-3
+
+
+def test_parameter_counts() -> None:
+    plain = sum(p.numel() for p in enc().parameters())
+    rich = sum(p.numel() for p in enc(temporal_conv=5, joint_mix="identity").parameters())
+    D, H, depth = 64, 4, 2
+    per_block = (D * 5 + D) + D + (H * V * V + H)  # conv weight + bias, conv gate, mix + mix gate
+    assert rich - plain == depth * per_block
+
+
+def test_joint_mix_init_and_math() -> None:
+    a = normalized_adjacency(LAYOUT.parents)
+    assert torch.allclose(a, a.T) and (a.diagonal() > 0).all()
+    assert a[1, 0] > 0 and a[0, 7] == 0  # spine-hip linked, hip-hand not
+    e = enc(joint_mix="adjacency")
+    assert torch.equal(e.transformer.blocks[0].attn.mix[2], a)
+    assert torch.equal(enc(joint_mix="identity").transformer.blocks[1].attn.mix[0], torch.eye(V))
+
+
+def test_temporal_conv_is_local_in_time() -> None:
+    """With only the conv branch open, token (t, v) depends on tokens (t +- 1, v) and nothing else
+    of the first block's input; checked on the gradient of one output."""
+    e = enc(temporal_conv=3)
+    blk = e.transformer.blocks[0]
+    with torch.no_grad():
+        blk.tconv_gate.fill_(1.0)
+    Lt = T // 4
+    h = torch.randn(1, Lt * V, 64, requires_grad=True)
+    c = from_grid(blk.tconv(to_grid(blk.norm1(h), e.grid, None)), None)
+    t, v = 2, 5
+    c[0, t * V + v].sum().backward()
+    nz = (h.grad[0].abs().sum(-1) > 0).nonzero().flatten().tolist()
+    assert nz == [(t - 1) * V + v, t * V + v, (t + 1) * V + v]
+
+
+def test_masked_tokens_enter_the_branches_as_zeros() -> None:
+    """Visible-token encoding equals encoding the full grid with hidden tokens zeroed, for the
+    conv branch (the rule documented in layers.py)."""
+    e = enc(temporal_conv=3).eval()
+    blk = e.transformer.blocks[0]
+    with torch.no_grad():
+        blk.tconv_gate.fill_(1.0)
+    L = e.num_tokens
+    h = torch.randn(2, L, 64)
+    ids = torch.stack([torch.randperm(L, generator=torch.Generator().manual_seed(s))[:30].sort().values
+                       for s in range(2)])
+    vis = torch.gather(h, 1, ids[..., None].expand(-1, -1, 64))
+    got = from_grid(blk.tconv(to_grid(blk.norm1(vis), e.grid, ids)), ids)
+    hz = blk.norm1(h) * torch.zeros(2, L, 1).scatter(1, ids[..., None], 1.0)
+    want = torch.gather(from_grid(blk.tconv(to_grid(hz, e.grid, None)), None), 1, ids[..., None].expand(-1, -1, 64))
+    torch.testing.assert_close(got, want)
+
+
+def test_attention_dropout_only_in_training() -> None:
+    e = enc(attn_drop=0.5)
+    x = x_batch()
+    e.eval()
+    assert torch.equal(e(x), e(x))
+    e.train()
+    torch.manual_seed(0)
+    a = e(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, e(x))
+
+
+def test_weight_decay_and_layer_groups() -> None:
+    e = enc(temporal_conv=3, joint_mix="adjacency")
+    names = dict(e.named_parameters())
+    assert no_weight_decay("transformer.blocks.0.attn.mix", names["transformer.blocks.0.attn.mix"])
+    assert no_weight_decay("transformer.blocks.0.tconv_gate", names["transformer.blocks.0.tconv_gate"])
+    assert not no_weight_decay("transformer.blocks.0.tconv.conv.weight", names["transformer.blocks.0.tconv.conv.weight"])
+    groups = param_groups_lrd(e, e.depth, 0.05, 0.9)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(names["transformer.blocks.1.attn.mix"])]["layer_id"] == 2
+
+
+def test_zero3_partition_shape_decides_weight_decay() -> None:
+    """Under ZeRO-3 a parameter is an empty (0,) partition with its real shape in ds_shape: the
+    rule must read ds_shape (issue 25, item 1)."""
+    w = torch.nn.Parameter(torch.empty(0))
+    w.ds_shape = torch.Size([64, 64])
+    assert not no_weight_decay("transformer.blocks.0.mlp.fc1.weight", w)
+    b = torch.nn.Parameter(torch.empty(0))
+    b.ds_shape = torch.Size([64])
+    assert no_weight_decay("transformer.blocks.0.norm1.weight", b)
+
+
+def test_old_encoder_loads_into_new_branches() -> None:
+    plain, rich = enc(), enc(temporal_conv=3, joint_mix="adjacency")
+    before = {k: v.clone() for k, v in rich.state_dict().items()}
+    load_encoder_state(rich, plain.state_dict(), "old.safetensors", ["temporal_conv=3", "joint_mix='adjacency'"])
+    for k, v in plain.state_dict().items():
+        assert torch.equal(rich.state_dict()[k], v)
+    assert torch.equal(rich.state_dict()["transformer.blocks.0.attn.mix"], before["transformer.blocks.0.attn.mix"])
+    # a key missing that is not a new branch, or nothing added: refused
+    sd = dict(plain.state_dict())
+    sd.pop("embed.weight")
+    with pytest.raises(BadInputError, match="embed.weight"):
+        load_encoder_state(rich, sd, "bad.safetensors", ["temporal_conv=3"])
+    with pytest.raises(BadInputError):
+        load_encoder_state(rich, plain.state_dict(), "old.safetensors", [])
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(temporal_conv=4), "odd"), (dict(temporal_conv=-1), "odd"), (dict(joint_mix="graph"), "joint_mix"),
+    (dict(attn_drop=1.0), "attn_drop"),
+])
+def test_config_errors(kw: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig(**kw)
+
+
+def test_joint_mix_needs_patch_tokens() -> None:
+    with pytest.raises(ConfigError, match="patch"):
+        MotionTransformer.from_config(ModelConfig(tokenization="frame", joint_mix="identity"),
+                                      clip_frames=T, num_bodies=M, num_joints=V)
+
+
+def test_masked_pretraining_runs_with_branches() -> None:
+    from mtscale.config import ObjectiveConfig
+    from mtscale.models.objectives import build_pretrain_model
+
+    m = build_pretrain_model(ModelConfig(size="tiny", temporal_conv=3, joint_mix="adjacency"),
+                             ObjectiveConfig(decoder_dim=32, decoder_depth=1, decoder_heads=4, mask_ratio=0.75),
+                             clip_frames=T, num_bodies=M, num_joints=V, parents=LAYOUT.parents)
+    loss, _ = m(x_batch(), None, torch.arange(N), step=0, seed=0)
+    loss.backward()
+    gates = [b.tconv_gate.grad for b in m.encoder.transformer.blocks]
+    assert torch.isfinite(loss) and all(g is not None and g.abs().sum() > 0 for g in gates)
+
+
+def test_finetune_config_accepts_the_options() -> None:
+    cfg = FinetuneConfig()
+    assert cfg.model.temporal_conv == 0 and cfg.model.joint_mix == "none" and cfg.model.attn_drop == 0.0
