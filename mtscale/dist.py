@@ -210,8 +210,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def device_index(local_rank: int, local_world_size: int, device_count: int) -> int:
+    """The one rule for which visible GPU a process uses (select_device, and the LOCAL_RANK that
+    DeepSpeed is given, which it passes to ``set_device``):
+
+    - one GPU visible (sites that bind one GPU per task, e.g. ``srun --gpus-per-task=1`` or
+      ``--gpu-bind``): GPU 0, whatever the local rank;
+    - at least as many GPUs visible as local ranks: GPU ``local_rank``;
+    - anything else (e.g. 8 ranks on a node showing 4 GPUs): an error, not two ranks on one GPU.
+    """
+    if device_count < 1:
+        raise ConfigError("CUDA: no device visible, expected at least one (or train.device=cpu)")
+    if device_count == 1:
+        return 0
+    if local_rank < device_count and local_world_size <= device_count:
+        return local_rank
+    raise ConfigError(f"LOCAL_RANK: found local rank {local_rank} of {local_world_size} on a node showing "
+                      f"{device_count} GPUs; expected one GPU per task or at least {local_world_size} GPUs visible")
+
+
 def select_device(world: World, requested: str = "auto") -> "torch.device":  # noqa: F821
-    """cuda:LOCAL_RANK when CUDA is available (or requested), else cpu."""
+    """cuda:``device_index(...)`` when CUDA is available (or requested), else cpu."""
     import torch
 
     if requested not in ("auto", "cpu", "cuda"):
@@ -220,9 +239,18 @@ def select_device(world: World, requested: str = "auto") -> "torch.device":  # n
         raise ConfigError("train.device: found 'cuda', but no CUDA device is visible")
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    idx = world.local_rank % max(torch.cuda.device_count(), 1)
+    idx = device_index(world.local_rank, world.local_world_size, torch.cuda.device_count())
     torch.cuda.set_device(idx)
     return torch.device("cuda", idx)
+
+
+def deepspeed_env(world: World, device: "torch.device") -> dict[str, str]:  # noqa: F821
+    """The environment DeepSpeed reads: ``world.to_env()`` with LOCAL_RANK set to the index of
+    the GPU this process uses (DeepSpeed calls ``set_device(LOCAL_RANK)``), so both agree."""
+    env = world.to_env()
+    if device.type == "cuda":
+        env["LOCAL_RANK"] = str(device.index)
+    return env
 
 
 def init_distributed(world: World, device: "torch.device", timeout_s: float = 1800.0) -> str:  # noqa: F821
@@ -232,7 +260,7 @@ def init_distributed(world: World, device: "torch.device", timeout_s: float = 18
 
     if world.world_size == 1 and world.launcher == "none":
         world = World(master_port=free_port(), launcher="none")
-    os.environ.update(world.to_env())  # DeepSpeed reads these
+    os.environ.update(deepspeed_env(world, device))  # DeepSpeed reads these
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(

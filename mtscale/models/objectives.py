@@ -146,7 +146,10 @@ class PretrainModel(nn.Module):
         target_BLK, motion_BL = self.targets(x_NTMVC, mask_NT)
         ids_keep, ids_restore, masked_BL = self._mask(motion_BL, sample_keys_N, step, seed)
 
-        h_BLD = enc.embed(tokens_BLK)
+        # Targets and masking scores above come from the input as given (fp32 from the job);
+        # only the tokens entering the network take the compute dtype (bf16 params under
+        # DeepSpeed's bf16 mode; fp32 params under autocast, which then casts per op).
+        h_BLD = enc.embed(tokens_BLK.to(enc.embed.weight.dtype))
         if self.kind == "motion_flow":
             h_BLD = torch.where(masked_BL[..., None], self.mask_token.to(h_BLD.dtype), h_BLD) + enc.pos_embed()
             pred_BLK = self.head(enc.encode(h_BLD, valid_BL))

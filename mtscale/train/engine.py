@@ -9,6 +9,7 @@ dict is saved as ``ds_config.json`` beside the run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 
 from mtscale.config import TrainConfig
 from mtscale.errors import ConfigError
-from mtscale.models.encoder import no_weight_decay
+from mtscale.models.encoder import full_shape, no_weight_decay
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +53,104 @@ def batch_geometry(train: TrainConfig, world_size: int) -> BatchGeometry:
     return BatchGeometry(micro, train.batch_size // per_step, train.batch_size)
 
 
-def resolve_precision(precision: str, device_type: str) -> str:
-    """auto -> bf16 on CUDA, fp32 elsewhere. bf16 on a CPU is allowed when asked, with a warning
-    (it is hundreds of times slower than fp32 on most CPUs)."""
-    if precision == "auto":
-        return "bf16" if device_type == "cuda" else "fp32"
-    if precision not in DTYPES:
+def resolve_precision(precision: str, device_type: str, *, bf16_fast: bool | None = None) -> str:
+    """The precision a run computes in. ``auto`` is decided from what the device can do, never
+    from a blanket rule, and logged: on CUDA bf16 where the card supports it, else fp16 (loss
+    scaling: DeepSpeed's dynamic scaler in pre-training, ``torch.amp.GradScaler`` in fine-tuning);
+    on a CPU bf16 only where a short GEMM measurement finds it at least ``CPU_BF16_MIN_SPEEDUP``x
+    faster than fp32 (AMX-class Xeons), else fp32. An explicit bf16 on a CPU that is slow at it
+    is allowed, with a warning; on a GPU without bf16 it is an error. ``bf16_fast`` replaces the
+    device query (None: ask the device)."""
+    if precision not in ("auto", *DTYPES):
         raise ConfigError(f"train.precision: found {precision!r}, expected auto|fp32|bf16|fp16")
-    if device_type == "cpu" and precision != "fp32":
-        log.warning("train.precision=%s on a CPU: expect it to be far slower than fp32", precision)
+    if device_type == "cuda":
+        ok = bf16_fast if bf16_fast is not None else (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        if precision == "auto":
+            log.info("precision auto -> %s (CUDA device: bf16 %ssupported)", "bf16" if ok else "fp16",
+                     "" if ok else "not ")
+            return "bf16" if ok else "fp16"
+        if precision == "bf16" and not ok:
+            raise ConfigError("train.precision: found 'bf16', but this GPU does not support it; expected fp16, fp32 "
+                              "or auto")
+        return precision
+    if device_type != "cpu":
+        return "fp32" if precision == "auto" else precision
+    if precision == "fp32":
+        return precision
+    speedup = None if bf16_fast is not None else cpu_bf16_speedup()
+    fast = bf16_fast if bf16_fast is not None else speedup >= CPU_BF16_MIN_SPEEDUP
+    if precision == "auto":
+        log.info("precision auto -> %s (CPU bf16 GEMM %s)", "bf16" if fast else "fp32",
+                 "given as fast" if speedup is None else f"measured at {speedup:.3g}x fp32, bf16 needs "
+                 f">= {CPU_BF16_MIN_SPEEDUP:g}x")
+        return "bf16" if fast else "fp32"
+    if not fast:
+        log.warning("train.precision=%s on a CPU that is slow at it (bf16 GEMM %s fp32): expect a slow run",
+                    precision, "slower than" if speedup is None else f"{speedup:.3g}x")
     return precision
 
 
-def deepspeed_config(train: TrainConfig, *, world_size: int, device_type: str) -> dict[str, Any]:
+CPU_BF16_MIN_SPEEDUP = 1.5
+"""``precision: auto`` on a CPU picks bf16 only at this measured GEMM speed-up over fp32 or more
+(an AMX Xeon measures ~6x, the AMD EPYC VMs ~1/500x: no machine sits near the line, so the
+choice does not flip between the runs of one machine)."""
+
+
+@functools.cache
+def cpu_bf16_speedup(n: int = 256, budget_s: float = 0.2) -> float:
+    """fp32 time / bf16 time of an (n x n) @ (n x n) GEMM on this CPU, measured once per process
+    (a few ms; a CPU without fast bf16 is cut short after ``budget_s``)."""
+    import time
+
+    a = torch.randn(n, n)
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = a.to(dtype)
+        torch.mm(x, x)  # warm-up
+        reps, t0 = 0, time.perf_counter()
+        while reps < 20 and (reps < 2 or time.perf_counter() - t0 < budget_s):
+            torch.mm(x, x)
+            reps += 1
+            if time.perf_counter() - t0 > budget_s:
+                break
+        times[dtype] = (time.perf_counter() - t0) / reps
+    return times[torch.float32] / times[torch.bfloat16]
+
+
+def mixed_precision_config(precision: str, zero_stage: int) -> dict[str, Any]:
+    """The DeepSpeed keys that decide the numerics of a ``precision`` run (written out in full).
+
+    bf16 keeps gradients in fp32 wherever DeepSpeed can: ZeRO 1-3 run DeepSpeed's bf16 mode
+    (bf16 parameters, fp32 master copy) with ``data_types.grad_accum_dtype = fp32`` (ZeRO-1 then
+    uses its BF16_Optimizer, ZeRO-2/3 accumulate their gradient partitions in fp32) and reduce in
+    fp32 (``communication_data_type``: twice the bf16 bytes, the price of not rounding every
+    rank's gradient to 8 bits of mantissa before the sum). ZeRO-0 cannot accumulate a bf16 model
+    in fp32 in DeepSpeed (0.19.8 raises), so it runs ``torch_autocast`` instead: fp32 parameters
+    and gradients, bf16 matrix products, no parameter marked for bf16 communication. fp16 runs
+    DeepSpeed's fp16 mode with dynamic loss scaling."""
+    bf16 = precision == "bf16"
+    autocast = bf16 and zero_stage == 0
+    cfg: dict[str, Any] = {
+        "bf16": {"enabled": bf16 and not autocast},
+        "fp16": {
+            "enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+            "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1,
+        },
+        "torch_autocast": {"enabled": autocast, "dtype": "bfloat16", "lower_precision_safe_modules": []},
+        "communication_data_type": "fp32" if bf16 else None,
+    }
+    if bf16 and not autocast:
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    return cfg
+
+
+def deepspeed_config(train: TrainConfig, *, world_size: int, device_type: str,
+                     precision: str | None = None) -> dict[str, Any]:
     """The complete DeepSpeed config for this run. Every key that changes numerics, memory or
-    logging is written explicitly, so a DeepSpeed upgrade cannot silently change the run."""
+    logging is written explicitly, so a DeepSpeed upgrade cannot silently change the run.
+    ``precision``: the resolved precision (None: ``resolve_precision(train.precision, ...)``)."""
     geo = batch_geometry(train, world_size)
-    precision = resolve_precision(train.precision, device_type)
+    precision = precision or resolve_precision(train.precision, device_type)
     cuda = device_type == "cuda"
     overlap = cuda if train.zero_overlap_comm is None else train.zero_overlap_comm
     opt_params: dict[str, Any] = {
@@ -108,16 +190,11 @@ def deepspeed_config(train: TrainConfig, *, world_size: int, device_type: str) -
         "optimizer": {"type": "AdamW", "params": opt_params},
         # The warmup + cosine schedule is ours (``lr_lambda``), passed to deepspeed.initialize
         # and saved in its checkpoints; DeepSpeed's own scheduler is therefore absent.
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {
-            "enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-            "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1,
-        },
+        **mixed_precision_config(precision, train.zero_stage),
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": False,
         "prescale_gradients": False,
         "gradient_predivide_factor": 1.0,
-        "communication_data_type": None,
         "steps_per_print": 1_000_000_000,  # we log ourselves (loop.py)
         "wall_clock_breakdown": False,
         "memory_breakdown": False,
@@ -153,6 +230,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         else:
             decay.append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    n = [sum(math.prod(full_shape(p)) for p in ps) for ps in (decay, no_decay)]
+    log.info("weight decay %g on %d tensors (%d elements), none on %d tensors (%d elements)", weight_decay,
+             len(decay), n[0], len(no_decay), n[1])
     return [g for g in groups if g["params"]]
 
 

@@ -24,10 +24,6 @@ from mtscale.dist import World, all_reduce_flag
 
 log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 0
-"""Exit code after a signal-triggered checkpoint (SLURM requeue-friendly: the job is not 'failed')."""
-
-
 def setup_logging(world: World, level: int = logging.INFO) -> None:
     """Rank-prefixed log lines on stderr; INFO on rank 0, WARNING elsewhere."""
     fmt = f"%(asctime)s [rank {world.rank}] %(levelname)s %(name)s: %(message)s"
@@ -44,8 +40,8 @@ def setup_logging(world: World, level: int = logging.INFO) -> None:
 
 
 class StopFlag:
-    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next step boundary on every
-    rank (the flag is all-reduced) and exits with ``EXIT_PREEMPTED``."""
+    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at its next stop check on every rank
+    (the flag is all-reduced) and returns; the run records ``preempted`` in ``status.json``."""
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
         self.signum: int | None = None
@@ -139,7 +135,7 @@ class LoopResult:
 def run_steps(
     engine: Any,
     batches: Iterator[dict[str, torch.Tensor]],
-    step_fn: Callable[[dict[str, torch.Tensor], int], tuple[torch.Tensor, dict[str, float]]],
+    step_fn: Callable[[dict[str, torch.Tensor], int], tuple[torch.Tensor, dict[str, Any]]],
     *,
     start_step: int,
     max_steps: int,
@@ -156,7 +152,13 @@ def run_steps(
     stop: StopFlag | None = None,
 ) -> LoopResult:
     """Optimizer steps ``start_step + 1 .. max_steps``. Saves every ``ckpt_every`` steps and, after a
-    signal, at the next step boundary (then returns with ``stopped_by_signal`` set)."""
+    signal, at the next check (every ``stop_every(log_every)`` steps; then returns with
+    ``stopped_by_signal`` set).
+
+    No host synchronisation per micro-batch: losses and metrics stay device tensors and are read
+    (and all-reduced) once per ``log_every`` window. A non-finite loss anywhere in a window stops
+    the run with :class:`NonFiniteLossError` naming its first step and that step's sample ids, before
+    any checkpoint of the poisoned weights is written."""
     import torch.distributed as dist
 
     bar = None
@@ -166,27 +168,33 @@ def run_steps(
         bar = tqdm(total=max_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True)
     step, last_loss, last_saved = start_step, float("nan"), start_step
     stop = stop or StopFlag(())
+    check_every = stop_every(log_every)
+    window: list[tuple[int, torch.Tensor, list[torch.Tensor]]] = []  # (step, loss sum on this rank, sample ids)
     try:
         while step < max_steps:
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-            extra: dict[str, float] = {}
+            extra: dict[str, Any] = {}
+            ids = []
             for _ in range(accum):
                 batch = next(batches)
+                ids.append(batch["index"])
                 loss, m = step_fn(batch, step)
                 engine.backward(loss)
                 engine.step()
                 loss_sum += loss.detach().double()
                 for k, v in m.items():
-                    extra[k] = extra.get(k, 0.0) + float(v) / accum
+                    extra[k] = extra.get(k, 0.0) + v / accum
             step += 1
             throughput.add(global_batch)
-            # Mean over micro-batches and ranks = the loss of the global batch.
-            if dist.is_initialized() and world.world_size > 1:
-                dist.all_reduce(loss_sum)
-            last_loss = float(loss_sum) / (accum * world.world_size)
-            if step % log_every == 0 or step == max_steps or step == start_step + 1:
+            window.append((step, loss_sum, ids))
+            logging_now = step % log_every == 0 or step == max_steps or step == start_step + 1
+            if logging_now or step % ckpt_every == 0:
+                last_loss = _check_window(window, accum, world)
+                window = []
+            if logging_now:
                 row = {"step": step, "loss": last_loss, "lr": float(engine.get_lr()[0]),
-                       "grad_norm": _grad_norm(engine), **extra, **throughput.read()}
+                       "grad_norm": _grad_norm(engine), **{k: float(v) for k, v in extra.items()},
+                       **throughput.read()}
                 row = {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
                 metrics.write(row)
                 if bar is not None:
@@ -195,19 +203,55 @@ def run_steps(
                                     mfu=f"{row.get('mfu', float('nan')):.2%}")
             if bar is not None:
                 bar.update(1)
-            stopping = all_reduce_flag(stop.raised, device)
+            stopping = step % check_every == 0 and all_reduce_flag(stop.raised, device)
             if step % ckpt_every == 0 or stopping:
+                if window:  # never checkpoint weights that a non-finite loss may have poisoned
+                    last_loss = _check_window(window, accum, world)
+                    window = []
                 save_ckpt(step)
                 last_saved = step
             if stopping:
                 log.warning("signal %s: checkpointed at step %d, stopping", stop.signum, step)
                 return LoopResult(step, stop.signum or -1, last_loss)
+        if window:
+            last_loss = _check_window(window, accum, world)
         if last_saved != step:
             save_ckpt(step)
         return LoopResult(step, None, last_loss)
     finally:
         if bar is not None:
             bar.close()
+
+
+def stop_every(log_every: int) -> int:
+    """Steps between two checks of the stop flag (each check is a collective + host sync): every
+    logging window, at most 10 steps apart (a SLURM signal arrives minutes before the kill)."""
+    return max(1, min(log_every, 10))
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss; the message names the step and the batch's samples."""
+
+
+def _check_window(window: list[tuple[int, torch.Tensor, list[torch.Tensor]]], accum: int, world: World) -> float:
+    """All-reduce the window's per-step losses (one collective, one host sync); raise on the first
+    non-finite one; return the last step's global-batch mean loss."""
+    import torch.distributed as dist
+
+    losses = torch.stack([w[1] for w in window])
+    if dist.is_initialized() and world.world_size > 1:
+        dist.all_reduce(losses)
+    losses = (losses / (accum * world.world_size)).cpu()
+    bad = (~torch.isfinite(losses)).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        step, _, ids = window[i]
+        sample_ids = torch.cat([t.reshape(-1).cpu() for t in ids]).tolist()
+        raise NonFiniteLossError(
+            f"step {step}: loss is {float(losses[i])}, expected a finite value; the batch on rank {world.rank} held "
+            f"sample rows {sample_ids[:16]}{' ...' if len(sample_ids) > 16 else ''} (check the data with "
+            "`mtscale verify`, or lower train.lr)")
+    return float(losses[-1])
 
 
 def _grad_norm(engine: Any) -> float:

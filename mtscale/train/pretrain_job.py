@@ -59,7 +59,7 @@ def _run(cfg: PretrainConfig, world: World, device: torch.device, backend: str, 
     tr = cfg.train
     geo = batch_geometry(tr, world.world_size)
     precision = resolve_precision(tr.precision, device.type)
-    ds_config = deepspeed_config(tr, world_size=world.world_size, device_type=device.type)
+    ds_config = deepspeed_config(tr, world_size=world.world_size, device_type=device.type, precision=precision)
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -96,11 +96,14 @@ def _run(cfg: PretrainConfig, world: World, device: torch.device, backend: str, 
     in_dtype = DTYPES[precision]
 
     def step_fn(batch: dict[str, torch.Tensor], step: int):
-        x = batch["x"].to(device=device, dtype=in_dtype, non_blocking=True)
+        # The clip stays fp32: targets, their normalisation and the motion-aware masking scores
+        # are computed from it; the model casts only the tokens entering the network to its
+        # compute dtype (PretrainModel.forward).
+        x = batch["x"].to(device=device, dtype=torch.float32, non_blocking=True)
         mask = batch["mask"].to(device, non_blocking=True)
         keys = batch["index"].to(device, non_blocking=True)
         loss, metrics = engine(x, mask, keys, step=step, seed=tr.seed)
-        return loss, {k: float(v) for k, v in metrics.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1}
+        return loss, {k: v for k, v in metrics.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1}
 
     def save(step: int) -> None:
         client_state = {"step": step, "loader": loader.state_dict(), "rng": ckpt.capture_rng(), "config": cfg_dict,

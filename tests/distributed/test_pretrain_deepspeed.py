@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -141,9 +142,15 @@ def test_rel_bias_under_zero3_matches_one_rank(store: Path, tmp_path: Path) -> N
     from mtscale.train.checkpoint import load_encoder
 
     one, two = tmp_path / "one", tmp_path / "zero3"
-    _run(_single(store, one, **{"model.rel_bias": True}))
-    _run(_launcher(store, two, **{"model.rel_bias": True, "train.zero_stage": 3,
-                                  "train.zero3_param_persistence_threshold": 0}))
+    p1 = _run(_single(store, one, **{"model.rel_bias": True}))
+    p2 = _run(_launcher(store, two, **{"model.rel_bias": True, "train.zero_stage": 3,
+                                       "train.zero3_param_persistence_threshold": 0}))
+    # Issue 25, item 1: the weight-decay groups under ZeRO-3 (every parameter an empty partition)
+    # are those of one process, decided on the full shapes (before: every parameter undecayed).
+    wd1 = re.findall(r"weight decay \S+ on (\d+) tensors \((\d+) elements\), none on (\d+)", p1.stderr)
+    wd2 = re.findall(r"weight decay \S+ on (\d+) tensors \((\d+) elements\), none on (\d+)", p2.stdout + p2.stderr)
+    assert len(wd1) == 1 and int(wd1[0][0]) > 0 and int(wd1[0][1]) > int(wd1[0][2]), wd1
+    assert wd2 and set(wd2) == set(wd1), (wd1, wd2)
     ref, got = _losses(one), _losses(two)
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
     for s in ref:

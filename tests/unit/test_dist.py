@@ -89,3 +89,38 @@ def test_to_env_round_trips() -> None:
     w = World(rank=3, local_rank=1, world_size=4, local_world_size=2, node_rank=1, num_nodes=2,
               master_addr="h", master_port=7, launcher="deepspeed")
     assert World.from_env(w.to_env()) == w
+
+
+@pytest.mark.parametrize("local_rank,local_ws,count,want", [
+    (0, 1, 1, 0), (3, 4, 1, 0),  # one GPU bound per task: always GPU 0 (was: local_rank % 1 = 0 here, but
+    (1, 2, 2, 1), (7, 8, 8, 7),  # DeepSpeed was told LOCAL_RANK=3 and failed with an invalid ordinal)
+    (1, 2, 8, 1),                # more GPUs than ranks
+])
+def test_device_index_rule(local_rank: int, local_ws: int, count: int, want: int) -> None:
+    from mtscale.dist import device_index
+
+    assert device_index(local_rank, local_ws, count) == want
+
+
+@pytest.mark.parametrize("local_rank,local_ws,count", [(5, 8, 4), (1, 2, 0)])
+def test_device_index_refuses_shared_gpus(local_rank: int, local_ws: int, count: int) -> None:
+    from mtscale.dist import device_index
+
+    with pytest.raises(ConfigError, match="GPU|CUDA"):
+        device_index(local_rank, local_ws, count)
+
+
+def test_deepspeed_is_told_the_device_we_use() -> None:
+    """Issue 25, item 4: SLURM binds one GPU per task -> every rank's cuda:0; DeepSpeed must get
+    LOCAL_RANK=0 for it (it calls set_device(LOCAL_RANK)), not the raw local rank."""
+    import torch
+
+    from mtscale.dist import deepspeed_env, device_index
+
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_NNODES": "4",
+           "SLURM_NODEID": "2", "SLURM_TASKS_PER_NODE": "2(x4)", "MASTER_ADDR": "n1", "SLURM_JOB_ID": "7"}
+    w = World.from_env(env, use_scontrol=False)
+    dev = torch.device("cuda", device_index(w.local_rank, w.local_world_size, 1))
+    got = deepspeed_env(w, dev)
+    assert got["LOCAL_RANK"] == "0" and got["RANK"] == "5" and got["WORLD_SIZE"] == "8"
+    assert deepspeed_env(w, torch.device("cpu"))["LOCAL_RANK"] == "1"  # CPU: the local rank as is

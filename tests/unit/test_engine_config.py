@@ -26,7 +26,8 @@ ZERO_KEYS = {
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_every_key_written(stage: int, device: str) -> None:
-    ds = deepspeed_config(TrainConfig(zero_stage=stage, batch_size=32), world_size=4, device_type=device)
+    ds = deepspeed_config(TrainConfig(zero_stage=stage, batch_size=32), world_size=4, device_type=device,
+                          precision="bf16" if device == "cuda" else "fp32")
     assert REQUIRED <= set(ds)
     assert ZERO_KEYS <= set(ds["zero_optimization"])
     assert ds["zero_optimization"]["stage"] == stage
@@ -47,19 +48,55 @@ def test_gradient_clipping_explicit_even_when_off() -> None:
 
 
 def test_precision_per_device() -> None:
-    cpu = deepspeed_config(TrainConfig(batch_size=8), world_size=1, device_type="cpu")
-    gpu = deepspeed_config(TrainConfig(batch_size=8), world_size=1, device_type="cuda")
-    assert cpu["bf16"]["enabled"] is False and cpu["fp16"]["enabled"] is False  # fp32 on CPU, never bf16 by default
+    cpu = deepspeed_config(TrainConfig(batch_size=8), world_size=1, device_type="cpu", precision="fp32")
+    gpu = deepspeed_config(TrainConfig(batch_size=8, zero_stage=1), world_size=1, device_type="cuda",
+                           precision=resolve_precision("auto", "cuda", bf16_fast=True))
+    assert cpu["bf16"]["enabled"] is False and cpu["fp16"]["enabled"] is False
     assert gpu["bf16"]["enabled"] is True and gpu["fp16"]["enabled"] is False
-    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("auto", "cuda") == "bf16"
-    assert resolve_precision("bf16", "cpu") == "bf16"  # allowed when asked (with a warning)
-    fp16 = deepspeed_config(TrainConfig(batch_size=8, precision="fp16"), world_size=1, device_type="cuda")
+    # auto follows what the device can do (issue 25, items 8 and 11), never a blanket rule
+    assert resolve_precision("auto", "cuda", bf16_fast=True) == "bf16"
+    assert resolve_precision("auto", "cuda", bf16_fast=False) == "fp16"  # e.g. a V100: loss-scaled fp16
+    assert resolve_precision("auto", "cpu", bf16_fast=False) == "fp32"
+    assert resolve_precision("auto", "cpu", bf16_fast=True) == "bf16"  # an AMX Xeon
+    assert resolve_precision("bf16", "cpu", bf16_fast=False) == "bf16"  # allowed when asked (with a warning)
+    with pytest.raises(ConfigError, match="does not support"):
+        resolve_precision("bf16", "cuda", bf16_fast=False)
+    fp16 = deepspeed_config(TrainConfig(batch_size=8, precision="fp16"), world_size=1, device_type="cuda",
+                            precision="fp16")
     assert fp16["fp16"]["enabled"] is True and fp16["bf16"]["enabled"] is False
+
+
+def test_cpu_auto_precision_is_measured_here() -> None:
+    """On this machine auto agrees with the measured GEMM speed-up (whatever the CPU is)."""
+    from mtscale.train.engine import CPU_BF16_MIN_SPEEDUP, cpu_bf16_speedup
+
+    speedup = cpu_bf16_speedup()
+    assert speedup > 0
+    assert resolve_precision("auto", "cpu") == ("bf16" if speedup >= CPU_BF16_MIN_SPEEDUP else "fp32")
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_bf16_gradients_accumulate_and_reduce_in_fp32(stage: int) -> None:
+    """Issue 25, item 3: no bf16 gradient accumulation or reduction in any ZeRO stage."""
+    ds = deepspeed_config(TrainConfig(batch_size=64, micro_batch_size=8, zero_stage=stage), world_size=2,
+                          device_type="cuda", precision="bf16")
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["communication_data_type"] == "fp32"
+    if stage == 0:  # DeepSpeed cannot accumulate a bf16 model in fp32 without ZeRO: autocast, fp32 params
+        assert ds["bf16"]["enabled"] is False and ds["torch_autocast"]["enabled"] is True
+        assert ds["torch_autocast"]["lower_precision_safe_modules"] == [] and "data_types" not in ds
+    else:
+        assert ds["bf16"]["enabled"] is True and ds["torch_autocast"]["enabled"] is False
+        assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    fp32 = deepspeed_config(TrainConfig(batch_size=8, zero_stage=stage), world_size=1, device_type="cpu",
+                            precision="fp32")
+    assert fp32["communication_data_type"] is None and not fp32["torch_autocast"]["enabled"]
 
 
 def test_optimizer_per_device_and_offload() -> None:
     cpu = deepspeed_config(TrainConfig(batch_size=8), world_size=1, device_type="cpu")["optimizer"]["params"]
-    gpu = deepspeed_config(TrainConfig(batch_size=8), world_size=1, device_type="cuda")["optimizer"]["params"]
+    gpu = deepspeed_config(TrainConfig(batch_size=8), world_size=1, device_type="cuda", precision="bf16")[
+        "optimizer"]["params"]
     assert cpu["torch_adam"] is True and cpu["fused"] is False  # no DeepSpeed op to JIT-build on CPU
     assert gpu["torch_adam"] is True and gpu["fused"] is True
     off = deepspeed_config(TrainConfig(batch_size=8, zero_stage=3, offload_optimizer=True, offload_params=True),
