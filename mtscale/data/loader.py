@@ -6,6 +6,8 @@
         for batch in loader:              # the rest of the current epoch, then epoch += 1
             batch["x"]      # (N, T, M, V, C) float32 on `device`, augmented (train)
             batch["mask"]   # (N, T) bool, valid frames
+            batch["all_valid"]  # Python bool: no padded frame in the batch (decided on the host)
+            model_mask(batch)   # the mask to give a model: None when all_valid (no host sync later)
             batch["label"]  # (N,) int64
             batch["index"]  # (N,) int64, store row of each sample
         ckpt["loader"] = loader.state_dict()  # {epoch, consumed, ...}: a handful of ints
@@ -45,8 +47,13 @@ single-threaded in workers. Memory cost: each worker holds up to two windows of 
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing as mp
+import os
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -160,7 +167,25 @@ class ClipDataset(IterableDataset):
         if self.store_bodies < cfg.num_bodies:
             log.warning("data.num_bodies=%d but %s has %d bodies: padding with zero bodies",
                         cfg.num_bodies, self.url, self.store_bodies)
-        self.epoch, self.consumed = 0, 0
+        # (epoch, consumed) in shared memory: persistent worker processes hold their own copy of
+        # this object, and read where the next pass starts from here (set by StatefulLoader).
+        self._cursor = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._cursor[0])
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._cursor[0] = int(value)
+
+    @property
+    def consumed(self) -> int:
+        return int(self._cursor[1])
+
+    @consumed.setter
+    def consumed(self, value: int) -> None:
+        self._cursor[1] = int(value)
 
     # -------------------------------------------------------------- order (pure)
 
@@ -320,6 +345,33 @@ def _blosc_single_thread() -> None:
         pass
 
 
+def _die_with(parent_pid: int, _worker_id: int) -> None:
+    """Worker start-up: end this worker when the training process ends, however it ends.
+
+    Workers are children of the forkserver, not of the training process, so PyTorch's own check
+    (the parent pid changed) never fires after a SIGKILL of the run: the workers stayed alive.
+    Here the kernel kills the worker when its parent (the forkserver, which exits with the run)
+    dies (Linux ``PR_SET_PDEATHSIG``), and a daemon thread checks the run's pid every second."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the thread below still does it
+        pass
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # the pid was reused by another user's process: parent gone
+                os._exit(1)
+
+    threading.Thread(target=watch, name="mtscale-parent-watch", daemon=True).start()
+
+
 def default_mp_context() -> str:
     """``forkserver`` where available (Linux), else ``spawn``: never ``fork`` (zarr / fsspec
     hold threads, event loops and file handles that do not survive a fork)."""
@@ -351,6 +403,7 @@ class StatefulLoader:
         self.augment = augment if augment is not None and augment.active else None
         self.mp_context, self.prefetch_factor = mp_context or default_mp_context(), prefetch_factor
         self.epoch, self.consumed = 0, 0
+        self._workers: DataLoader | None = None  # made on the first pass, kept across epochs
 
     def __len__(self) -> int:
         """Batches in a full epoch."""
@@ -387,24 +440,39 @@ class StatefulLoader:
         ds.epoch, ds.consumed = self.epoch, self.consumed
         if self.num_workers == 0:
             return iter(ds)
-        pin = self.device.type == "cuda"
-        return iter(DataLoader(
-            ds, batch_size=None, num_workers=self.num_workers, multiprocessing_context=self.mp_context,
-            prefetch_factor=self.prefetch_factor, pin_memory=pin, persistent_workers=False,
-        ))
+        if self._workers is None:
+            # Persistent: the worker processes (and their imports, store handles, page cache)
+            # live across epochs; each pass reads its start (epoch, consumed) from the dataset's
+            # shared cursor, so order and resume are those of fresh workers.
+            self._workers = DataLoader(
+                ds, batch_size=None, num_workers=self.num_workers, multiprocessing_context=self.mp_context,
+                prefetch_factor=self.prefetch_factor, pin_memory=self.device.type == "cuda",
+                persistent_workers=True, worker_init_fn=functools.partial(_die_with, os.getpid()),
+            )
+        return iter(self._workers)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         ds = self.dataset
         for batch in self._batches():
             pos = self.consumed
             self.consumed += int(batch["index"].numel())
+            all_valid = bool(batch["mask"].all())  # on the host, before the copy: no device sync
             if self.device.type != "cpu":
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            batch["all_valid"] = all_valid
             if self.augment is not None:
                 batch["x"] = self.augment(batch["x"], seed=step_seed(ds.seed, self.epoch, ds.rank, pos))
             batch["x"] = normalize_clips(batch["x"], batch["mask"], ds.cfg.normalize)  # "none": as is
             yield batch
         self.epoch, self.consumed = self.epoch + 1, 0
+
+
+def model_mask(batch: dict[str, Any]) -> torch.Tensor | None:
+    """The valid-frame mask to pass to a model: None when the loader found every frame of the
+    batch valid (the usual case: clips are resampled to T), so the model needs no padding mask
+    and never asks the device whether one is needed (a host sync per forward on CUDA), and
+    SDPA keeps its flash kernel."""
+    return None if batch.get("all_valid") else batch["mask"]
 
 
 def build_loader(

@@ -288,13 +288,18 @@ def key_padding_to_attn_mask(valid_BL: Tensor | None) -> Tensor | None:
     """Boolean key-padding mask (B, L), True = real token -> SDPA mask (B, 1, 1, L), or None
     when every token is valid (keeps the flash kernel eligible on CUDA).
 
+    Whether every token is valid is asked of the tensor only on the CPU (free there); on an
+    accelerator that question is a host sync per forward, so callers decide it on the host
+    (``mtscale.data.loader.model_mask`` gives None for batches without padding) and a mask
+    that reaches this point is used as is.
+
     A row with no valid token would make softmax NaN; such rows attend to everything instead
     (their outputs are ignored by pooling and losses anyway).
     """
     if valid_BL is None:
         return None
     valid_BL = valid_BL.bool()
-    if bool(valid_BL.all()):
+    if valid_BL.device.type == "cpu" and bool(valid_BL.all()):
         return None
     empty = ~valid_BL.any(dim=1, keepdim=True)
     return (valid_BL | empty)[:, None, None, :]

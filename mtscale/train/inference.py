@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mtscale.config import DataConfig
+from mtscale.data.loader import model_mask
 from mtscale.dist import World, select_device
 from mtscale.train.engine import resolve_precision
 from mtscale.train.finetune_data import rows_loader
@@ -108,7 +109,7 @@ def score_rows(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], st
                    unit="sample", disable=not (progress and rt.world.is_main), leave=False)
         for batch in loader:
             with rt.autocast():
-                y = forward(batch["x"], batch["mask"])
+                y = forward(batch["x"], model_mask(batch))
             outs.append(y.float().cpu().numpy())
             idx.append(batch["index"].cpu().numpy())
             bar.update(len(idx[-1]))

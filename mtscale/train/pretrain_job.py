@@ -50,7 +50,7 @@ def run_pretrain(cfg: PretrainConfig, world: World | None = None) -> int:
 
 
 def _run(cfg: PretrainConfig, world: World, device: torch.device, backend: str, stop: StopFlag) -> int:
-    from mtscale.data.loader import build_loader
+    from mtscale.data.loader import build_loader, model_mask
     from mtscale.data.store import Store
     from mtscale.models.flops import peak_flops
     from mtscale.models.objectives import build_pretrain_model
@@ -100,7 +100,8 @@ def _run(cfg: PretrainConfig, world: World, device: torch.device, backend: str, 
         # are computed from it; the model casts only the tokens entering the network to its
         # compute dtype (PretrainModel.forward).
         x = batch["x"].to(device=device, dtype=torch.float32, non_blocking=True)
-        mask = batch["mask"].to(device, non_blocking=True)
+        mask = model_mask(batch)
+        mask = None if mask is None else mask.to(device, non_blocking=True)
         keys = batch["index"].to(device, non_blocking=True)
         loss, metrics = engine(x, mask, keys, step=step, seed=tr.seed)
         return loss, {k: v for k, v in metrics.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1}

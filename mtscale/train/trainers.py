@@ -5,7 +5,7 @@
   randomly cropped and augmented clips; AdamW with layer-wise lr decay (BEiT / MAE groups from
   ``param_groups_lrd``), linear warmup + cosine per optimizer step, label smoothing, optional
   mixup, gradient accumulation and clipping, DistributedDataParallel across ranks, autocast
-  in bf16 / fp16 where configured (CUDA).
+  in bf16 / fp16 where configured (fp16 with a ``torch.amp.GradScaler``).
 - :class:`LinearProbe` (linear): the encoder is frozen, so its features are computed once
   (centre crops, eval mode, exact across ranks) and a linear head trains on the standardised
   cached features (MAE's BatchNorm-without-affine probe, as a fixed standardisation) -- each
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mtscale.config import FinetuneConfig
+from mtscale.data.loader import model_mask
 from mtscale.errors import ConfigError
 from mtscale.models.encoder import param_groups_lrd
 from mtscale.train.classifier import fold_standardisation, unwrap
@@ -65,8 +66,9 @@ def _set_lr(opt: torch.optim.Optimizer, base_lr: float, factor: float) -> float:
     return base_lr * factor
 
 
-def _mean_over_ranks(total: float, count: float, device: torch.device) -> float:
-    t = torch.tensor([total, count], dtype=torch.float64, device=device)
+def _mean_over_ranks(total: Tensor | float, count: float, device: torch.device) -> float:
+    t = torch.stack([torch.as_tensor(total, dtype=torch.float64, device=device),
+                     torch.tensor(float(count), dtype=torch.float64, device=device)])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return float(t[0] / t[1].clamp_min(1))
@@ -108,27 +110,33 @@ class FullTrainer:
         if cfg.model.compile:
             self.ddp = torch.compile(self.ddp)
         self.num_classes = int(unwrap(model).head.out_features)
+        # fp16 autocast needs loss scaling (bf16 and fp32 do not): a disabled scaler is a no-op.
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, rt = self.cfg, self.rt
         self.model.train()
         self.loader.set_epoch(epoch)
         n_micro = self.steps_per_epoch * self.accum
-        loss_sum = correct = seen = 0.0
+        # Sums stay on the device: one host sync per epoch, not per micro-batch (issue 25, item 6).
+        loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+        correct = torch.zeros((), dtype=torch.float64, device=rt.device)
+        seen = 0
         lr = 0.0
+        show = not getattr(bar, "disable", True)
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
                    disable=not (cfg.run.progress and rt.world.is_main))
         for i, batch in enumerate(self.loader):
             if i >= n_micro:
                 break
-            x, mask, y = batch["x"], batch["mask"], batch["label"]
+            x, mask, y = batch["x"], model_mask(batch), batch["label"]
             target = smoothed_targets(y, self.num_classes, cfg.label_smoothing)
             if cfg.mixup > 0:
                 g = np.random.default_rng([cfg.train.seed, epoch, i, rt.world.rank])
                 lam = float(g.beta(cfg.mixup, cfg.mixup))
                 perm = torch.from_numpy(g.permutation(x.shape[0])).to(x.device)
                 x = lam * x + (1 - lam) * x[perm]
-                mask = mask | mask[perm]
+                mask = None if mask is None else mask | mask[perm]
                 target = lam * target + (1 - lam) * target[perm]
             sync = (i + 1) % self.accum == 0
             ctx = self.ddp.no_sync() if (rt.distributed and not sync and hasattr(self.ddp, "no_sync")) \
@@ -137,19 +145,22 @@ class FullTrainer:
                 with rt.autocast():
                     logits = self.ddp(x, mask)
                 loss = soft_cross_entropy(logits, target)
-                (loss / self.accum).backward()
-            loss_sum += float(loss.detach()) * y.shape[0]
-            correct += float((logits.detach().argmax(1) == y).sum())
+                self.scaler.scale(loss / self.accum).backward()
+            loss_sum += loss.detach().double() * y.shape[0]
+            correct += (logits.detach().argmax(1) == y).sum().double()
             seen += y.shape[0]
             if sync:
                 lr = _set_lr(self.opt, cfg.train.lr, self.lr_factor(self.step))
                 if cfg.train.grad_clip > 0:
+                    self.scaler.unscale_(self.opt)  # clip the true gradients
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-                self.opt.step()
+                self.scaler.step(self.opt)  # skipped (and the scale lowered) on inf / NaN gradients in fp16
+                self.scaler.update()
                 self.opt.zero_grad(set_to_none=True)
                 self.step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}")
+                if show and self.step % 10 == 0:  # a host sync: only for a visible bar, every 10 steps
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}")
         bar.close()
         return {"train_loss": _mean_over_ranks(loss_sum, seen, rt.device),
                 "train_top1": 100.0 * _mean_over_ranks(correct, seen, rt.device), "lr": lr, "step": self.step}
@@ -166,11 +177,13 @@ class FullTrainer:
         pass
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.opt.state_dict(), "step": self.step}
+        return {"optimizer": self.opt.state_dict(), "step": self.step, "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.opt.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
 
 class LinearProbe:
@@ -220,7 +233,8 @@ class LinearProbe:
         # Every rank holds all features and runs the same deterministic steps: no communication.
         g = torch.Generator().manual_seed(int(cfg.train.seed) * 1_000_003 + epoch)
         perm = torch.randperm(n, generator=g).to(self.rt.device)
-        loss_sum = correct = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.rt.device)
+        correct = torch.zeros((), dtype=torch.float64, device=self.rt.device)
         lr = 0.0
         for b in range(self.steps_per_epoch):
             idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
@@ -232,9 +246,10 @@ class LinearProbe:
             loss.backward()
             self.opt.step()
             self.step += 1
-            loss_sum += float(loss.detach()) * idx.numel()
-            correct += float((logits.detach().argmax(1) == y).sum())
-        return {"train_loss": loss_sum / n, "train_top1": 100.0 * correct / n, "lr": lr, "step": self.step}
+            loss_sum += loss.detach().double() * idx.numel()
+            correct += (logits.detach().argmax(1) == y).sum().double()
+        return {"train_loss": float(loss_sum) / n, "train_top1": 100.0 * float(correct) / n, "lr": lr,
+                "step": self.step}
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:

@@ -178,6 +178,47 @@ def test_workers_give_the_same_stream_and_resume_across_worker_counts(file_store
     torch.testing.assert_close(torch.cat([h["x"] for h in head] + [rest_x]), ref_x)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_workers_live_across_epochs_with_the_same_order(file_store):
+    """Issue 25, item 7: the worker processes are started once, not every epoch, and each epoch
+    (also one left half-way) yields what fresh workers / no workers yield."""
+    cfg = _cfg(augment=AugmentConfig(rotate_deg=10))
+    ref = build_loader(file_store, cfg, batch_size=8, seed=4, num_workers=0)
+    refs = [_epoch(ref) for _ in range(3)]
+    a = build_loader(file_store, cfg, batch_size=8, seed=4, num_workers=2)
+    got, pids = [], []
+    for e in range(3):
+        if e == 1:  # epoch 1: two batches, then a fresh pass of the rest (same epoch, as a resume would)
+            it = iter(a)
+            head = [next(it) for _ in range(2)]
+            pids.append([w.pid for w in a._workers._iterator._workers])
+            del it
+            rest = _epoch(a)
+            got.append((np.concatenate([h["index"].numpy() for h in head] + [rest[0]]),
+                        torch.cat([h["x"] for h in head] + [rest[1]])))
+        else:
+            got.append(_epoch(a))
+        pids.append([w.pid for w in a._workers._iterator._workers])
+    assert all(p == pids[0] for p in pids), pids  # the same two processes throughout
+    for (gi, gx), (ri, rx) in zip(got, refs):
+        assert np.array_equal(gi, ri)
+        torch.testing.assert_close(gx, rx)
+    assert not np.array_equal(got[0][0], got[2][0])  # epochs differ
+
+
+def test_batches_say_whether_they_need_a_mask(file_store, mem_store):
+    """``all_valid`` is decided on the host; ``model_mask`` gives None then (no device sync, and
+    SDPA keeps its flash kernel), the mask itself when a clip is padded."""
+    from mtscale.data.loader import model_mask
+
+    b = next(iter(build_loader(mem_store, _cfg(), batch_size=8, seed=0)))
+    assert b["all_valid"] is True and model_mask(b) is None
+    padded = _cfg(short_clips="pad", clip_frames=400, eval_crop=1.0)
+    b = next(iter(build_loader(mem_store, padded, batch_size=8, seed=0, train=False)))
+    assert b["all_valid"] is False and model_mask(b) is b["mask"] and not bool(b["mask"].all())
+
+
 def test_memory_store_with_workers_is_refused(mem_store):
     with pytest.raises(ConfigError, match="memory://"):
         build_loader(mem_store, _cfg(), batch_size=8, seed=0, num_workers=2)
@@ -291,3 +332,50 @@ def test_loader_and_prediction_apply_the_configured_normalisation(mem_store):
     x, mask = eval_clip(mem_store.read_sample(int(b["index"][0])), cfg, num_bodies=2)
     torch.testing.assert_close(x[0], b["x"][0], atol=1e-5, rtol=1e-5)
     assert bool(mask.all())
+
+
+_ORPHAN_SCRIPT = r"""
+import sys, time
+from mtscale.config import DataConfig
+from mtscale.data.loader import build_loader
+loader = build_loader(sys.argv[1], DataConfig(num_workers=2, clip_frames=32, shuffle_buffer=50), batch_size=8, seed=0)
+it = iter(loader)
+next(it)
+print(" ".join(str(w.pid) for w in loader._workers._iterator._workers), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_workers_die_with_a_killed_run(file_store):
+    """Issue 29, item 4: SIGKILL of the process that owns a loader leaves no worker behind (they
+    are forkserver children: PyTorch's parent check never fired, two ~485 MB workers stayed)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT, file_store], stdout=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        pids = [int(x) for x in p.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(q) for q in pids)
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+        deadline = time.time() + 15
+        while any(_alive(q) for q in pids) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(q) for q in pids), pids
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
