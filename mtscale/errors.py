@@ -28,3 +28,7 @@ class BadInputError(MtscaleError):
 
 class StoreError(MtscaleError):
     """A store that is missing, damaged, or written with an unknown schema version."""
+
+
+class NonFiniteLossError(MtscaleError):
+    """Training produced a non-finite loss; the message names the step and the batch's samples."""

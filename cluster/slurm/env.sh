@@ -29,6 +29,11 @@ mtscale_setup() {
         cuda | auto) ;;
         *) mtscale_die "MTSCALE_DEVICE: found '$MTSCALE_DEVICE', expected cuda, cpu or auto" ;;
     esac
+    # srun (SLURM >= 22.05) no longer inherits the job's --cpus-per-task: without this every task
+    # (and its loader workers) could be bound to one core. sbatch exports SLURM_CPUS_PER_TASK.
+    if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+        export SRUN_CPUS_PER_TASK="${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}"
+    fi
     # One OpenMP/MKL thread pool per task, sized to the task's CPUs (not the whole node).
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
     export MKL_NUM_THREADS="${MKL_NUM_THREADS:-$OMP_NUM_THREADS}"
@@ -38,7 +43,8 @@ mtscale_setup() {
     fi
     export PYTHONUNBUFFERED=1
     mtscale_log "job ${SLURM_JOB_ID:-none} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-$(hostname -s)}:" \
-        "device=$MTSCALE_DEVICE python=$(command -v python) OMP_NUM_THREADS=$OMP_NUM_THREADS"
+        "device=$MTSCALE_DEVICE python=$(command -v python) OMP_NUM_THREADS=$OMP_NUM_THREADS" \
+        "SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-unset}"
 }
 
 mtscale_first_host() {

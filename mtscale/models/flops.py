@@ -9,6 +9,7 @@ norms, softmax and element-wise ops are left out; a training step is 3 x the for
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import torch
@@ -43,7 +44,8 @@ def transformer_flops(seq_len: int, dim: int, depth: int, mlp_ratio: float) -> i
 # --------------------------------------------------------------------------- peak rates
 
 # Dense (no sparsity) peak tensor-core rates, FLOP/s, by (name fragment, dtype class).
-# Matched against torch.cuda.get_device_name() in order: the first fragment found wins.
+# Matched against torch.cuda.get_device_name() in order, as whole words (an "L40" is not an
+# "L4", a "GH200" not an "H200"): the first fragment found wins.
 _GPU_PEAKS: list[tuple[str, dict[str, float]]] = [
     ("H200", {"bf16": 989e12, "fp16": 989e12, "tf32": 494e12, "fp32": 67e12}),
     ("H100 PCIE", {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12}),
@@ -54,6 +56,7 @@ _GPU_PEAKS: list[tuple[str, dict[str, float]]] = [
     ("A100", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
     ("A10G", {"bf16": 70e12, "fp16": 70e12, "tf32": 35e12, "fp32": 31.2e12}),
     ("L40S", {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
+    ("L40", {"bf16": 181e12, "fp16": 181e12, "tf32": 90.5e12, "fp32": 90.5e12}),
     ("L4", {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12}),
     ("V100", {"bf16": 0.0, "fp16": 125e12, "tf32": 0.0, "fp32": 15.7e12}),
     ("RTX 4090", {"bf16": 165e12, "fp16": 165e12, "tf32": 82.6e12, "fp32": 82.6e12}),
@@ -78,7 +81,7 @@ def gpu_peak_flops(name: str, dtype: torch.dtype) -> float | None:
     """Table lookup by device name fragment (case-insensitive); None when unknown."""
     up = name.upper()
     for frag, peaks in _GPU_PEAKS:
-        if frag in up:
+        if re.search(rf"(?<![A-Z0-9]){re.escape(frag)}(?![A-Z0-9])", up):
             return peaks.get(_dtype_class(dtype)) or None
     return None
 

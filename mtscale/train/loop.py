@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from mtscale.dist import World, all_reduce_flag
+from mtscale.errors import NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
@@ -227,10 +228,6 @@ def stop_every(log_every: int) -> int:
     """Steps between two checks of the stop flag (each check is a collective + host sync): every
     logging window, at most 10 steps apart (a SLURM signal arrives minutes before the kill)."""
     return max(1, min(log_every, 10))
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a non-finite loss; the message names the step and the batch's samples."""
 
 
 def _check_window(window: list[tuple[int, torch.Tensor, list[torch.Tensor]]], accum: int, world: World) -> float:

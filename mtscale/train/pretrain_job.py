@@ -78,8 +78,11 @@ def _run(cfg: PretrainConfig, world: World, device: torch.device, backend: str, 
                                      num_bodies=cfg.data.num_bodies, num_joints=num_joints,
                                      parents=store.layout.parents),
         tr, ds_config)
+    if cfg.model.compile:  # in place (DeepSpeed's engine.compile): state-dict keys stay un-prefixed
+        engine.compile()
+        log.info("model.compile: torch.compile on (the first steps include the compilation)")
     cfg_dict = to_dict(cfg)
-    layout = getattr(store.layout, "name", None)
+    layout = store.layout.name
 
     client = ckpt.resume(engine, run_dir)
     start_step = 0

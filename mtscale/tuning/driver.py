@@ -152,7 +152,9 @@ def build_trainable(sweep: Sweep) -> Any:
     from mtscale.tuning.trainable import finetune_trainable
 
     r = sweep.cfg.resources
-    fn = tune.with_parameters(finetune_trainable, base=sweep.base, cpus_per_trial=r.cpus_per_trial,
+    base = dict(sweep.base)
+    base["train"] = dict(base.get("train", {}), device=r.trial_device(base.get("train", {}).get("device", "auto")))
+    fn = tune.with_parameters(finetune_trainable, base=base, cpus_per_trial=r.cpus_per_trial,
                               fail_first_attempt=sweep.cfg.fail_first_attempt)
     return tune.with_resources(fn, {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial})
 

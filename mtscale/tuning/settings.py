@@ -64,7 +64,9 @@ class ResourcesConfig:
     cpus_per_trial: float = 1.0
     """CPUs reserved per trial; torch intra-op threads are limited to this (at least 1)."""
     gpus_per_trial: float = 0.0
-    """GPUs per trial; fractions (0.5, 0.25) pack several trials on one GPU."""
+    """GPUs per trial: 0 (the trial trains on CPU, even on a GPU node: the GPUs are Ray's to
+    account for), a fraction (0.5, 0.25: several trials share one GPU) or 1. A trial is one
+    process on one device, so more than 1 is refused rather than reserved and left idle."""
 
     def __post_init__(self) -> None:
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
@@ -72,8 +74,23 @@ class ResourcesConfig:
                 f"resources: found cpus_per_trial={self.cpus_per_trial}, gpus_per_trial={self.gpus_per_trial}, "
                 "expected cpus > 0 and gpus >= 0"
             )
-        if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
-            raise ConfigError(f"resources.gpus_per_trial: found {self.gpus_per_trial}, expected a fraction <= 1 or a whole number")
+        if self.gpus_per_trial > 1:
+            raise ConfigError(f"resources.gpus_per_trial: found {self.gpus_per_trial}, expected 0, a fraction or 1 "
+                              "(a trial trains on one device)")
+
+    def trial_device(self, requested: str) -> str:
+        """The ``train.device`` a trial runs with, given the base config's: cpu without GPUs (else
+        every trial of a GPU node would land on cuda:0 outside Ray's accounting), the GPU Ray
+        assigned (CUDA_VISIBLE_DEVICES) with them."""
+        if self.gpus_per_trial == 0:
+            if requested == "cuda":
+                raise ConfigError("train.device: found 'cuda' with resources.gpus_per_trial=0, expected a GPU per "
+                                  "trial (resources.gpus_per_trial > 0) or train.device cpu / auto")
+            return "cpu"
+        if requested == "cpu":
+            raise ConfigError(f"train.device: found 'cpu' with resources.gpus_per_trial={self.gpus_per_trial}, "
+                              "expected cuda or auto (or gpus_per_trial 0)")
+        return "cuda"
 
 
 @dataclass

@@ -154,9 +154,10 @@ def test_pretrain_checkpoints_on_usr1_requeues_itself_and_resumes(jobs: Jobs, ra
     _, store = raw_and_store
     run_dir, log = tmp_path / "run", tmp_path / "pretrain.log"
     max_steps = 60
-    env = _job_env(MTSCALE_CONFIG=str(ROOT / "configs" / "pretrain" / "tiny_cpu.yaml"), MTSCALE_STORE=str(store),
-                   MTSCALE_RUN_DIR=str(run_dir))
-    job = jobs.submit("pretrain.sbatch", "--set", f"train.max_steps={max_steps}", "--set", "train.ckpt_every=10",
+    env = _job_env(MTSCALE_STORE=str(store), MTSCALE_RUN_DIR=str(run_dir))
+    # The config as the configs' headers document it: `sbatch cluster/slurm/pretrain.sbatch CONFIG.yaml [--set ...]`
+    job = jobs.submit("pretrain.sbatch", str(ROOT / "configs" / "pretrain" / "tiny_cpu.yaml"),
+                      "--set", f"train.max_steps={max_steps}", "--set", "train.ckpt_every=10",
                       "--set", "train.keep_checkpoints=2", "--set", "run.progress=false",
                       "--set", "run.tensorboard=false",
                       opts=CPU_OPTS + ["--ntasks-per-node=2", f"--output={log}", "--job-name=mt-pretrain-test"],
@@ -178,6 +179,7 @@ def test_pretrain_checkpoints_on_usr1_requeues_itself_and_resumes(jobs: Jobs, ra
     # Second run (same job id, appended log): resumed from step k instead of starting over.
     assert "(restart 1)" in text and f"resuming at step {k} of {max_steps}" in text
     assert text.count("rank 0 of 2 (2 per node)") == 2
+    assert "SRUN_CPUS_PER_TASK=1" in text  # srun >= 22.05 does not inherit --cpus-per-task by itself
     port = 15000 + int(job) % 20000
     assert f"master {job_info(job)['BatchHost']}:{port}" in text or f":{port}" in text
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]

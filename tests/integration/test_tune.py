@@ -122,6 +122,10 @@ def test_asha_sweep_runs_the_real_loop_stops_bad_trials_and_best_config_reproduc
         assert (exp / "plots" / png).read_bytes()[:4] == b"\x89PNG"
     best_cfg = yaml.safe_load((exp / "best_config.yaml").read_text())
     assert best_cfg["train"]["lr"] == GOOD_LR and best_cfg["epochs"] == 3
+    # gpus_per_trial 0: every trial trained on the CPU Ray gave it (issue 25, item 9)
+    trial_cfgs = sorted(exp.glob("*/finetune/config.yaml"))
+    assert len(trial_cfgs) == 4 and all(yaml.safe_load(f.read_text())["train"]["device"] == "cpu" for f in trial_cfgs)
+    assert best_cfg["train"].get("device", "auto") == "auto"  # the re-runnable config stays portable
     assert best_cfg["pretrained"] == str(assets["encoder"]) and best_cfg["data"]["store"] == str(assets["store"])
     # Re-run the best config with `mtscale finetune`: same seed, same epochs -> same metric.
     rerun = assets["root"] / "rerun"

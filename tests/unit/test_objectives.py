@@ -238,6 +238,12 @@ def test_peak_flops_table_and_cpu_measure() -> None:
     assert gpu_peak_flops("NVIDIA H200", torch.bfloat16) == 989e12
     assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", torch.bfloat16) == 312e12
     assert gpu_peak_flops("Some Unknown GPU", torch.bfloat16) is None
+    # whole-word match (issue 25, item 10): an L40 is not an L4, a GH200 not an H200
+    assert gpu_peak_flops("NVIDIA L40", torch.bfloat16) == 181e12
+    assert gpu_peak_flops("NVIDIA L4", torch.bfloat16) == 121e12
+    assert gpu_peak_flops("NVIDIA L40S", torch.bfloat16) == 362e12
+    assert gpu_peak_flops("NVIDIA GH200 480GB", torch.float32) == 67e12
+    assert gpu_peak_flops("NVIDIA H100 NVL", torch.bfloat16) == 835e12
     rate = measure_cpu_gemm_flops(seconds=0.2, n=512)
     assert 1e8 < rate < 1e14
     assert peak_flops("cpu", torch.float32) > 0

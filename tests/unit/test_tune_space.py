@@ -182,3 +182,21 @@ def test_missing_optuna_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
     with pytest.raises(ConfigError, match=r"search.algorithm: optuna needs the optuna package.*install mtscale\[search\]"):
         build_search_alg(sweep)
+
+
+def test_trial_device_follows_the_gpus_ray_gives_it():
+    """Issue 25, item 9: with gpus_per_trial 0 a trial trains on CPU even where CUDA is visible
+    (before: every trial on cuda:0, outside Ray's accounting); more than one GPU is refused (a
+    trial is one process on one device: the others would sit reserved and idle)."""
+    from mtscale.tuning.settings import ResourcesConfig
+
+    assert ResourcesConfig(gpus_per_trial=0).trial_device("auto") == "cpu"
+    assert ResourcesConfig(gpus_per_trial=0.25).trial_device("auto") == "cuda"
+    assert ResourcesConfig(gpus_per_trial=1).trial_device("cuda") == "cuda"
+    with pytest.raises(ConfigError, match="gpus_per_trial=0"):
+        ResourcesConfig(gpus_per_trial=0).trial_device("cuda")
+    with pytest.raises(ConfigError, match="train.device: found 'cpu'"):
+        ResourcesConfig(gpus_per_trial=1).trial_device("cpu")
+    for n in (2, 1.5):
+        with pytest.raises(ConfigError, match="one device"):
+            ResourcesConfig(gpus_per_trial=n)
