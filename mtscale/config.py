@@ -435,6 +435,9 @@ class FinetuneConfig:
     pretrained: str | None = None
     """Exported encoder (``encoder.safetensors``) or a pre-training run / checkpoint dir;
     required by finetune, linear and semi; must be unset for scratch."""
+    pretrained_partial: bool = False
+    """Accept a pre-training run that has not finished (preempted or crashed: no exported
+    encoder) and fine-tune its latest checkpoint; off, such a run is refused."""
     encoder_blocks: int | None = None
     """Keep only the first N blocks of the pre-trained encoder (then its final norm): probe or
     fine-tune an intermediate layer's features. The classifier then has N blocks; None = all."""

@@ -157,20 +157,39 @@ def prune(root: Path, keep: int) -> list[str]:
 
 
 def resume(engine: Any, run_dir: str | Path) -> dict[str, Any] | None:
-    """Load the latest checkpoint of ``run_dir`` into ``engine`` (module, optimizer, LR
-    schedule); returns our client state, or None when there is nothing to resume."""
+    """Load the latest loadable checkpoint of ``run_dir`` into ``engine`` (module, optimizer, LR
+    schedule); returns our client state, or None when there is nothing to resume.
+
+    The newest tag is tried first (the one ``latest`` names); a damaged one (truncated by a
+    full disk, say) is reported in one warning and the next older tag is tried, so an intact
+    previous checkpoint beside it is not lost. Every rank walks the same list, and a tag is
+    kept only if every rank loaded it."""
+    from mtscale.dist import all_reduce_flag
+
     root = ckpt_root(run_dir)
-    tag = latest_tag(root)
-    if tag is None:
+    newest = latest_tag(root)
+    if newest is None:
         return None
-    with safe_torch_load():
-        path, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-    if path is None:
-        raise BadInputError(str(root / tag), None, "DeepSpeed could not load this checkpoint",
-                            "a complete checkpoint written by mtscale pretrain")
-    log.info("resumed from %s (step %s)", path, client.get("step"))
-    return client
+    tags = [newest] + sorted((p.name for p in root.glob("step*") if p.is_dir() and p.name < newest), reverse=True)
+    device = getattr(engine, "device", torch.device("cpu"))
+    for tag in tags:
+        path, client, err = None, None, None
+        try:
+            with safe_torch_load():
+                path, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+        except Exception as e:  # noqa: BLE001 - any failure to read this tag means: try the previous one
+            err = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        failed = all_reduce_flag(path is None or client is None, torch.device(device))
+        if not failed:
+            if tag != newest:
+                log.warning("resumed from the older checkpoint %s: the newest, %s, could not be loaded", tag, newest)
+            log.info("resumed from %s (step %s)", path, client.get("step"))
+            return client
+        log.warning("checkpoint %s could not be loaded (%s); trying the previous one", root / tag,
+                    err or "DeepSpeed returned no checkpoint")
+    raise BadInputError(str(root), None, f"none of the checkpoints {tags} could be loaded",
+                        "an intact checkpoint written by mtscale pretrain (or remove the folder to start over)")
 
 
 # --------------------------------------------------------------------------- export / load

@@ -54,10 +54,14 @@ def _encoder_file(path: Path) -> Path | None:
     return cand if cand.is_file() else None
 
 
-def load_pretrained(path: str | Path) -> tuple[MotionTransformer, dict[str, Any]]:
+def load_pretrained(path: str | Path, *, allow_partial: bool = False) -> tuple[MotionTransformer, dict[str, Any]]:
     """Encoder + meta from an exported ``.safetensors`` file, a pre-training run directory
     (its ``encoder.safetensors``, else its latest checkpoint, consolidated) or a checkpoint dir.
-    Keys are checked exactly by ``mtscale.train.checkpoint.load_encoder``."""
+    Keys are checked exactly by ``mtscale.train.checkpoint.load_encoder``.
+
+    A run directory without an exported encoder is an unfinished run (preempted, crashed or
+    still running): refused unless ``allow_partial`` (config ``pretrained_partial``), and then
+    loaded with a warning that names the step."""
     from mtscale.train.checkpoint import export_encoder, load_encoder
 
     p = Path(path)
@@ -67,9 +71,29 @@ def load_pretrained(path: str | Path) -> tuple[MotionTransformer, dict[str, Any]
     f = _encoder_file(p)
     if f is not None:
         return load_encoder(f)
+    status = _run_status(p)
+    if status.get("state") != "finished":
+        what = (f"a {status['state']} pre-training run (step {status.get('step')})" if status.get("state")
+                else "a pre-training run that has not finished (no status.json, no encoder.safetensors)")
+        if not allow_partial:
+            raise ConfigError(f"pretrained: found {str(p)!r}, {what}; expected a finished run (resume it first), "
+                              "or --set pretrained_partial=true to fine-tune its latest checkpoint")
+        log.warning("pretrained: %s is %s; using its latest checkpoint as asked (pretrained_partial)", p, what)
     with tempfile.TemporaryDirectory(prefix="mtscale-encoder-") as tmp:
         out = export_encoder(p, Path(tmp) / "encoder.safetensors")
         return load_encoder(out)
+
+
+def _run_status(p: Path) -> dict[str, Any]:
+    """``status.json`` of a pre-training run dir (or of the run above a checkpoints dir); {} if none."""
+    for d in (p, p.parent, p.parent.parent):
+        f = d / "status.json"
+        if f.is_file():
+            try:
+                return json.loads(f.read_text())
+            except ValueError:
+                return {}
+    return {}
 
 
 def build_encoder(cfg: FinetuneConfig, *, num_joints: int, in_chans: int = 3,
@@ -89,7 +113,7 @@ def build_encoder(cfg: FinetuneConfig, *, num_joints: int, in_chans: int = 3,
     if not cfg.pretrained:
         raise ConfigError(f"pretrained: missing with protocol {cfg.protocol}, expected an exported encoder "
                           "(<pretrain run>/encoder.safetensors) or a pre-training run directory")
-    src, meta = load_pretrained(cfg.pretrained)
+    src, meta = load_pretrained(cfg.pretrained, allow_partial=cfg.pretrained_partial)
     for name, want in (("clip_frames", cfg.data.clip_frames), ("num_bodies", cfg.data.num_bodies),
                        ("num_joints", num_joints)):
         if int(meta[name]) != int(want):

@@ -41,6 +41,7 @@ from mtscale.train.finetune_data import Splits, make_splits
 from mtscale.train.inference import Runtime, classifier_forward, score_rows, setup_runtime
 from mtscale.train.metrics import (append_results_md, classification_metrics, confusion_matrix, hardware_summary,
                                    mean_std, results_row, save_confusion)
+from mtscale.train.rundir import FINETUNE_KEEP, check_resume, check_run_dir
 from mtscale.train.trainers import FullTrainer, LinearProbe
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,9 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None = None,
     model = build_classifier(encoder, store.num_classes, head="linear" if cfg.protocol == "linear" else "layernorm",
                              head_drop=cfg.head_drop, pool=cfg.pool, hidden=cfg.head_hidden).to(rt.device)
     torch.manual_seed(seed * 1000 + rt.world.rank)  # dropout / drop-path / mixup differ per rank
-    run_dir = Path(cfg.run.dir)
+    run_dir = check_run_dir(cfg.run.dir)
+    if resume_from is None:
+        check_resume(run_dir, to_dict(cfg), FINETUNE_KEEP)  # before anything is written
     meta = _meta(cfg, store, model_dict, source, splits)
     if rt.world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

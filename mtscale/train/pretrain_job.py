@@ -22,6 +22,7 @@ from mtscale.errors import ConfigError
 from mtscale.train import checkpoint as ckpt
 from mtscale.train.engine import DTYPES, batch_geometry, build_engine, deepspeed_config, resolve_precision
 from mtscale.train.loop import MetricsWriter, StopFlag, Throughput, plot_loss, run_steps, setup_logging
+from mtscale.train.rundir import EXIT_PREEMPTED, PRETRAIN_KEEP, check_resume, check_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,9 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def run_pretrain(cfg: PretrainConfig, world: World | None = None) -> int:
-    """Run (or resume) the pre-training described by ``cfg``; returns the process exit code
-    (0 when finished, and 0 after a signal-triggered checkpoint, see ``status.json``)."""
+    """Run (or resume) the pre-training described by ``cfg``; returns the process exit code:
+    0 when finished, ``EXIT_PREEMPTED`` after a signal-triggered checkpoint (``status.json``
+    says which; see mtscale/train/rundir.py)."""
     stop = StopFlag()  # first, so a signal during start-up is not lost
     world = world or World.from_env()
     setup_logging(world)
@@ -55,7 +57,8 @@ def _run(cfg: PretrainConfig, world: World, device: torch.device, backend: str, 
     from mtscale.models.flops import peak_flops
     from mtscale.models.objectives import build_pretrain_model
 
-    run_dir = Path(cfg.run.dir)
+    run_dir = check_run_dir(cfg.run.dir)
+    check_resume(run_dir, to_dict(cfg), PRETRAIN_KEEP)  # before anything is written
     tr = cfg.train
     geo = batch_geometry(tr, world.world_size)
     precision = resolve_precision(tr.precision, device.type)
@@ -142,4 +145,8 @@ def _run(cfg: PretrainConfig, world: World, device: torch.device, backend: str, 
         _write_json(run_dir / "status.json", status)
     barrier()
     log.info("%s at step %d (loss %.4f)", status["state"], result.step, result.last_loss)
+    if result.stopped_by_signal is not None:
+        log.warning("preempted: checkpointed at step %d of %d; run the same command again to resume (exit %d)",
+                    result.step, tr.max_steps, EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
     return 0

@@ -123,9 +123,9 @@ class FullTrainer:
         correct = torch.zeros((), dtype=torch.float64, device=rt.device)
         seen = 0
         lr = 0.0
-        show = not getattr(bar, "disable", True)
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
                    disable=not (cfg.run.progress and rt.world.is_main))
+        show = not getattr(bar, "disable", True)
         for i, batch in enumerate(self.loader):
             if i >= n_micro:
                 break

@@ -6,7 +6,7 @@
   expected keys and equals the 1-rank run's weights;
 - ``model.rel_bias`` under ZeRO-3 reproduces its one-process run;
 - SIGKILL after a checkpoint, then resume, reproduces the uninterrupted loss curve;
-- SIGUSR1 checkpoints at the next step and exits 0;
+- SIGUSR1 checkpoints at the next step check and exits with EXIT_PREEMPTED;
 - two "nodes" on loopback (two launcher processes, node ranks 0 and 1) complete.
 
 On CPU, ``deepspeed --num_gpus N`` starts N processes (there are no GPUs to count); no
@@ -224,7 +224,9 @@ def test_sigusr1_checkpoints_and_exits_cleanly(store: Path, tmp_path: Path) -> N
     finally:
         if p.poll() is None:
             p.kill()
-    assert p.returncode == 0, err[-3000:]
+    from mtscale.train.rundir import EXIT_PREEMPTED
+
+    assert p.returncode == EXIT_PREEMPTED, err[-3000:]  # distinct from 0: the run is not finished
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "preempted" and status["signal"] == signal.SIGUSR1
     tag = (run_dir / "checkpoints" / "latest").read_text().strip()

@@ -199,6 +199,52 @@ def test_pretrained_key_and_geometry_errors(store, encoder_file, tmp_path):
         run_finetune(_cfg(store, tmp_path / "r3"))
 
 
+def test_new_branches_over_an_old_encoder_start_where_it_was(store, encoder_file, tmp_path, caplog):
+    """Issue 26: ``model.temporal_conv`` / ``model.joint_mix`` over an encoder pre-trained without
+    them: the branches' parameters are the only missing keys (logged by name), the file's weights
+    load exactly, the classifier records the architecture and evaluate reloads it."""
+    from safetensors.torch import load_file
+
+    caplog.set_level("INFO", logger="mtscale")
+    run_dir = tmp_path / "branches"
+    out = run_finetune(_cfg(store, run_dir, f"pretrained={encoder_file}", "model.temporal_conv=3",
+                            "model.joint_mix=adjacency", "epochs=1"))
+    assert any("added temporal_conv=3, joint_mix='adjacency' over the pre-trained encoder" in r.message
+               and "encoder.transformer.blocks.0.tconv_gate" not in r.message and "tconv_gate" in r.message
+               for r in caplog.records)
+    clf, meta = load_classifier(out["final"])
+    assert meta["model"]["temporal_conv"] == 3 and meta["model"]["joint_mix"] == "adjacency"
+    assert clf.encoder.transformer.blocks[0].tconv is not None
+    with pytest.raises(ConfigError, match="model.temporal_conv: found 5"):
+        enc_dir = tmp_path / "enc_tc3"
+        from mtscale.train.checkpoint import encoder_meta, save_encoder
+
+        sd = {k.removeprefix("encoder."): v for k, v in load_file(str(Path(out["final"]) / "model.safetensors")).items()
+              if k.startswith("encoder.")}
+        meta3 = encoder_meta({"model": meta["model"], "data": {"clip_frames": 16, "num_bodies": 2}}, num_joints=25,
+                             layout="ntu25", step=0)
+        f3 = save_encoder(sd, meta3, enc_dir / "encoder.safetensors")
+        run_finetune(_cfg(store, tmp_path / "r_tc5", f"pretrained={f3}", "model.temporal_conv=5"))
+
+
+def test_unfinished_pretraining_and_unsafe_run_dirs_are_refused(store, tmp_path):
+    """Issue 29, items 3 and 9: a preempted pre-training run (no exported encoder) is refused as
+    --pretrained unless pretrained_partial; an empty run.dir or a foreign folder is refused."""
+    run = tmp_path / "pre"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"state": "preempted", "step": 16}))
+    with pytest.raises(ConfigError, match=r"a preempted pre-training run \(step 16\).*pretrained_partial=true"):
+        run_finetune(_cfg(store, tmp_path / "r1", f"pretrained={run}"))
+    with pytest.raises(ConfigError, match="run.dir: found '.*', expected a folder"):
+        run_finetune(_cfg(store, Path(""), "protocol=scratch"))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "data.csv").write_text("x\n")
+    with pytest.raises(ConfigError, match="not an mtscale run"):
+        run_finetune(_cfg(store, foreign, "protocol=scratch"))
+    assert sorted(x.name for x in foreign.iterdir()) == ["data.csv"]
+
+
 def test_cli_finetune_seeds_and_evaluate(store, encoder_file, tmp_path):
     run = tmp_path / "cli"
     r = _cli("finetune", "--config", str(CONFIG), "--pretrained", str(encoder_file), "--seeds", "0,1", "--json",

@@ -1,0 +1,104 @@
+"""Run directories: what may become one, and what a resume may change.
+
+A run directory holds one run's resolved ``config.yaml`` and its outputs (metrics, checkpoints,
+exported weights). Two rules keep a run's folder truthful, checked before anything is written:
+
+* ``run.dir`` must name a new folder, an empty one, or an mtscale run (``config.yaml`` beside
+  one of ``RUN_MARKERS``): an empty
+  ``--set run.dir=`` used to write the run into the current directory, overwriting a
+  ``config.yaml`` and ``metrics.jsonl`` that were there.
+* a run that resumes keeps the fields that decide what its checkpoints contain (the model,
+  the objective, the clip geometry, the protocol): resuming with another ``model.size`` used to
+  rewrite ``config.yaml`` first and then die on a shape mismatch, leaving a folder that
+  described the wrong model.
+
+Exit codes of the training entry points (``mtscale pretrain`` / ``finetune``): 0 finished,
+2 a user-facing error (one line), ``EXIT_PREEMPTED`` stopped by SIGTERM / SIGUSR1 after a
+checkpoint (run the same command again to resume), 1 an internal error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtscale.errors import ConfigError
+
+EXIT_PREEMPTED = 75
+"""A run stopped by a signal after checkpointing (EX_TEMPFAIL: try again; SLURM templates requeue)."""
+
+RUN_MARKERS = ("metrics.jsonl", "checkpoints", "status.json", "results.json", "ds_config.json")
+
+PRETRAIN_KEEP = ("model", "objective", "data.clip_frames", "data.num_bodies", "train.seed", "train.batch_size",
+                 "train.zero_stage")
+"""Pre-training fields a resume must keep: they decide the checkpoint's tensors, the loader
+order it restores, or how DeepSpeed partitioned them (``model.compile``, ``attn_backend`` and
+``checkpoint_activations`` may change: they do not change any tensor)."""
+
+FINETUNE_KEEP = ("protocol", "pretrained", "model", "data.clip_frames", "data.num_bodies", "data.split", "pool",
+                 "head_hidden", "train.seed", "train.batch_size", "epochs")
+"""Fine-tuning fields a resume must keep (the classifier's shape, its data, its schedule)."""
+
+RUNTIME_MODEL_FIELDS = ("compile", "attn_backend", "checkpoint_activations", "drop_path")
+
+
+def check_run_dir(path: str | Path, field: str = "run.dir") -> Path:
+    """``path`` as a Path, or a ConfigError when it is empty or an existing folder that holds
+    files but is not an mtscale run."""
+    raw = str(path).strip()
+    if not raw or raw in (".", "./"):
+        raise ConfigError(f"{field}: found {str(path)!r}, expected a folder for this run's outputs "
+                          "(e.g. --set run.dir=runs/my_run); the current directory is never used")
+    p = Path(raw)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{field}: found {raw!r}, which is a file; expected a folder")
+    if p.is_dir() and any(p.iterdir()) and not is_run_dir(p):
+        sample = sorted(x.name for x in p.iterdir())[:3]
+        raise ConfigError(f"{field}: found {raw!r}, an existing folder that is not an mtscale run (holds "
+                          f"{', '.join(sample)}...); expected a new or empty folder, or a run to resume")
+    return p
+
+
+def is_run_dir(p: Path) -> bool:
+    return (p / "config.yaml").is_file() and any((p / m).exists() for m in RUN_MARKERS)
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def check_resume(run_dir: Path, new: dict[str, Any], keep: tuple[str, ...]) -> None:
+    """Refuse (before anything is written) a resume of ``run_dir`` whose resolved config ``new``
+    differs from the saved one in a field of ``keep``; names the first differing field."""
+    saved_file = run_dir / "config.yaml"
+    if not is_run_dir(run_dir):
+        return
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    for dotted in keep:
+        a, b = _get(saved, dotted), _get(new, dotted)
+        if dotted == "model" and isinstance(a, dict) and isinstance(b, dict):
+            a = {k: v for k, v in a.items() if k not in RUNTIME_MODEL_FIELDS}
+            b = {k: v for k, v in b.items() if k not in RUNTIME_MODEL_FIELDS}
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            if diff:
+                k = diff[0]
+                raise ConfigError(f"model.{k}: found {b.get(k)!r}, but the run in {run_dir} was started with "
+                                  f"{a.get(k)!r}; expected the same to resume it (or a new run.dir)")
+            continue
+        if isinstance(a, dict) or isinstance(b, dict):
+            a, b = a or {}, b or {}
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            if diff:
+                k = diff[0]
+                raise ConfigError(f"{dotted}.{k}: found {b.get(k)!r}, but the run in {run_dir} was started with "
+                                  f"{a.get(k)!r}; expected the same to resume it (or a new run.dir)")
+            continue
+        if a != b and a is not None:
+            raise ConfigError(f"{dotted}: found {b!r}, but the run in {run_dir} was started with {a!r}; expected "
+                              "the same to resume it (or a new run.dir)")
