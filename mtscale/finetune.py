@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     world = World.from_env()
     setup_logging(world)  # rank-prefixed; INFO on rank 0 only
     result = run_seeds(cfg)
+    if result.get("preempted"):
+        from mtscale.train.rundir import EXIT_PREEMPTED
+
+        return EXIT_PREEMPTED
     if world.is_main:
         if a.json:
             print(json.dumps(result, indent=2, sort_keys=True, default=str))

@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 
 from mtscale.config import FinetuneConfig, save_config, to_dict
 from mtscale.data.store import Store
+from mtscale.dist import all_reduce_flag
 from mtscale.errors import ConfigError
 from mtscale.train.classifier import (WEIGHTS, build_classifier, build_encoder, check_keys, save_classifier,
                                       unwrap)
@@ -41,6 +42,7 @@ from mtscale.train.finetune_data import Splits, make_splits
 from mtscale.train.inference import Runtime, classifier_forward, score_rows, setup_runtime
 from mtscale.train.metrics import (append_results_md, classification_metrics, confusion_matrix, hardware_summary,
                                    mean_std, results_row, save_confusion)
+from mtscale.train.loop import StopFlag
 from mtscale.train.rundir import FINETUNE_KEEP, check_resume, check_run_dir
 from mtscale.train.trainers import FullTrainer, LinearProbe
 
@@ -48,14 +50,31 @@ log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float], Path], None]
 STATE = "train_state.pt"
+PARTIAL = "_partial"  # suffix of an interrupted epoch's checkpoint folder
 
 
 def run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None = None,
-                 resume_from: Path | str | None = None) -> dict[str, Any]:
+                 resume_from: Path | str | None = None, stop: Any = None) -> dict[str, Any]:
     """Train one seed (``train.seed``, or the single entry of ``cfg.seeds``); see the module
     docstring. Returns the final metrics: ``test_top1`` / ``test_top5`` (last epoch) and
     ``test_top1_best`` (best-on-val epoch) where a test part is configured, ``val_top1``,
-    ``epochs``, ``wall_s``, ``cpu_s``, ``run_dir``, ``final`` (checkpoint folder)."""
+    ``epochs``, ``wall_s``, ``cpu_s``, ``run_dir``, ``final`` (checkpoint folder).
+
+    SIGTERM / SIGUSR1 (or ``stop``, any object with a ``raised`` flag) stop the run at the next
+    optimizer step: a partial-epoch checkpoint is written (weights, optimizer, loader cursor,
+    RNG, the epoch's running sums), ``status.json`` says ``preempted`` and the result has
+    ``preempted: True`` (the CLI exits ``EXIT_PREEMPTED``); running again resumes at that step."""
+    own_stop = stop is None
+    stop = StopFlag() if own_stop else stop  # first, so a signal during start-up is not lost
+    try:
+        return _run_finetune(cfg, on_epoch=on_epoch, resume_from=resume_from, stop=stop)
+    finally:
+        if own_stop:
+            stop.restore()
+
+
+def _run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None, resume_from: Path | str | None,
+                  stop: Any) -> dict[str, Any]:
     if cfg.seeds is not None:
         if len(cfg.seeds) > 1:
             raise ConfigError(f"seeds: found {cfg.seeds} in run_finetune, expected one seed (use run_seeds)")
@@ -86,9 +105,10 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None = None,
     trainer_cls = LinearProbe if cfg.protocol == "linear" else FullTrainer
     trainer = trainer_cls(cfg, model, store, splits, rt)
     start, best, before = 0, {"val_top1": -math.inf, "epoch": -1}, {"wall_s": 0.0, "cpu_s": 0.0}
+    partial = None
     resume = Path(resume_from) if resume_from is not None else _latest_checkpoint(run_dir)
     if resume is not None:  # ``before``: wall / CPU time of the interrupted segments, so totals add up
-        start, best, before = _resume(resume, model, trainer)
+        start, best, before, partial = _resume(resume, model, trainer)
 
     def elapsed() -> dict[str, float]:
         return {"wall_s": before["wall_s"] + time.perf_counter() - t0,
@@ -99,7 +119,13 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None = None,
     metrics: dict[str, float] = {}
     for epoch in range(start, cfg.epochs):
         te = time.perf_counter()
-        metrics = {"epoch": epoch, **trainer.train_epoch(epoch), **trainer.validate()}
+        trained = trainer.train_epoch(epoch, stop=stop, partial=partial)
+        if trained.get("stopped"):
+            logger.close()
+            return _preempted(run_dir, epoch, model, trainer, meta, best, rt, trained["partial"], elapsed(), stop,
+                              last_ckpt)
+        partial = None
+        metrics = {"epoch": epoch, **trained, **trainer.validate()}
         metrics["epoch_s"] = time.perf_counter() - te
         improved = metrics.get("val_top1", -math.inf) > best["val_top1"] or best["epoch"] < 0
         if improved:
@@ -108,14 +134,20 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None = None,
                                 elapsed())
         if improved and cfg.keep_best and rt.world.is_main:
             _copy_dir(last_ckpt, run_dir / "best", drop=(STATE,))
+        if rt.world.is_main:  # the epoch is complete: its interrupted part is superseded
+            shutil.rmtree(run_dir / "checkpoints" / f"epoch_{epoch:04d}{PARTIAL}", ignore_errors=True)
         logger.write(metrics)
         if on_epoch is not None and rt.world.is_main:
             on_epoch(epoch, dict(metrics), last_ckpt)
+        if epoch + 1 < cfg.epochs and all_reduce_flag(stop.raised, rt.device):
+            logger.close()  # a signal during validation / saving: the epoch checkpoint just written is the resume point
+            return _preempted(run_dir, epoch + 1, model, trainer, meta, best, rt, None, elapsed(), stop, last_ckpt)
     logger.close()
     result = _finish(cfg, model, trainer, store, splits, rt, run_dir, last_ckpt, best, metrics)
     result.update(**elapsed(), seed=seed)  # all segments of a resumed run (rank 0's process)
     if rt.world.is_main:
         (run_dir / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+        _write_status(run_dir, {"state": "finished", "epoch": cfg.epochs})
         append_results_md(run_dir / "results.md", results_row(
             protocol=_protocol_name(cfg), store=cfg.data.store, split=f"{cfg.data.split}/{cfg.test_part}",
             label_fraction=cfg.data.label_fraction, seeds=[seed], val_top1=[result.get("val_top1", math.nan)],
@@ -135,6 +167,8 @@ def run_seeds(cfg: FinetuneConfig) -> dict[str, Any]:
         sub = dataclasses.replace(cfg, seeds=None, train=dataclasses.replace(cfg.train, seed=int(s)),
                                   run=dataclasses.replace(cfg.run, dir=str(Path(cfg.run.dir) / f"seed{s}")))
         runs.append(run_finetune(sub))
+        if runs[-1].get("preempted"):  # the next invocation resumes this seed, then runs the rest
+            return dict(runs[-1], seeds=list(seeds))
     out: dict[str, Any] = {"seeds": list(seeds), "runs": runs, "wall_s": time.perf_counter() - t0,
                            "cpu_s": sum(r["cpu_s"] for r in runs)}
     for key in ("val_top1", "test_top1", "test_top5", "test_top1_best"):
@@ -187,12 +221,18 @@ def _meta(cfg: FinetuneConfig, store: Store, model_dict: dict, source: str | Non
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted((run_dir / "checkpoints").glob("epoch_*[0-9]"))
+    """The newest complete epoch checkpoint, or an interrupted epoch's (``epoch_XXXX_partial``,
+    newer than every complete one: it sorts after ``epoch_{XXXX-1}``)."""
+    root = run_dir / "checkpoints"
+    ckpts = sorted([*root.glob("epoch_*[0-9]"), *root.glob(f"epoch_*{PARTIAL}")])
     ckpts = [c for c in ckpts if (c / STATE).is_file() and (c / WEIGHTS).is_file()]
     return ckpts[-1] if ckpts else None
 
 
-def _resume(path: Path, model: torch.nn.Module, trainer: Any) -> tuple[int, dict, dict]:
+def _resume(path: Path, model: torch.nn.Module, trainer: Any) -> tuple[int, dict, dict, dict | None]:
+    """(first epoch to run, best, elapsed before, the interrupted epoch's state or None)."""
+    from mtscale.train.checkpoint import restore_rng
+
     if not (path / STATE).is_file() or not (path / WEIGHTS).is_file():
         raise ConfigError(f"resume_from: {path} has no {STATE} + {WEIGHTS}, expected an epoch checkpoint folder "
                           "written by run_finetune")
@@ -201,10 +241,42 @@ def _resume(path: Path, model: torch.nn.Module, trainer: Any) -> tuple[int, dict
     check_keys(unwrap(model), weights, str(path / WEIGHTS))
     unwrap(model).load_state_dict(weights, strict=True)
     trainer.load_state_dict(state["trainer"])
+    before = {k: float(v) for k, v in state.get("elapsed", {"wall_s": 0.0, "cpu_s": 0.0}).items()}
+    if state.get("partial") is not None:  # in the middle of epoch state["epoch"]
+        restore_rng(state["rng"])
+        log.info("resumed from %s (epoch %d, after micro-batch %d)", path, state["epoch"], state["partial"]["micro"])
+        return int(state["epoch"]), dict(state["best"]), before, dict(state["partial"])
     _restore_rng(state.get("rng"))
     log.info("resumed from %s (epoch %d done)", path, state["epoch"])
-    before = {k: float(v) for k, v in state.get("elapsed", {"wall_s": 0.0, "cpu_s": 0.0}).items()}
-    return int(state["epoch"]) + 1, dict(state["best"]), before
+    return int(state["epoch"]) + 1, dict(state["best"]), before, None
+
+
+def _preempted(run_dir: Path, epoch: int, model: torch.nn.Module, trainer: Any, meta: dict, best: dict,
+               rt: Runtime, partial: dict | None, elapsed: dict[str, float], stop: Any,
+               last_ckpt: Path | None) -> dict[str, Any]:
+    """After a signal: write the interrupted epoch's checkpoint (``partial``; None when the signal
+    came between epochs and the last epoch checkpoint is the resume point) and ``status.json``."""
+    from mtscale.train.checkpoint import capture_rng
+
+    out = last_ckpt
+    if partial is not None:
+        out = run_dir / "checkpoints" / f"epoch_{epoch:04d}{PARTIAL}"
+        if rt.world.is_main:
+            save_classifier(model, dict(meta, epoch=epoch, partial=True), out)
+            state = {"epoch": epoch, "best": best, "trainer": trainer.state_dict(), "elapsed": elapsed,
+                     "partial": partial, "rng": capture_rng()}
+            tmp = out / (STATE + ".tmp")
+            torch.save(state, tmp)
+            tmp.replace(out / STATE)
+    status = {"state": "preempted", "epoch": epoch, "signal": getattr(stop, "signum", None),
+              "micro_batch": partial["micro"] if partial else 0, "checkpoint": str(out) if out else None}
+    if rt.world.is_main:
+        _write_status(run_dir, status)
+    if rt.distributed:
+        dist.barrier()
+    log.warning("preempted: checkpointed in epoch %d (%s); run the same command again to resume", epoch,
+                f"after micro-batch {partial['micro']}" if partial else "at its start")
+    return {"preempted": True, "run_dir": str(run_dir), "epoch": epoch, **elapsed}
 
 
 def _save_epoch(run_dir: Path, epoch: int, model: torch.nn.Module, trainer: Any, meta: dict, metrics: dict,
@@ -225,6 +297,12 @@ def _save_epoch(run_dir: Path, epoch: int, model: torch.nn.Module, trainer: Any,
     if rt.distributed:
         dist.barrier()
     return out
+
+
+def _write_status(run_dir: Path, status: dict[str, Any]) -> None:
+    tmp = run_dir / "status.json.tmp"
+    tmp.write_text(json.dumps(status, indent=2) + "\n")
+    tmp.replace(run_dir / "status.json")
 
 
 def _restore_rng(rng: dict | None) -> None:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from mtscale.config import FinetuneConfig
 from mtscale.data.loader import model_mask
+from mtscale.dist import all_reduce_flag
 from mtscale.errors import ConfigError
 from mtscale.models.encoder import param_groups_lrd
 from mtscale.train.classifier import fold_standardisation, unwrap
@@ -113,20 +114,29 @@ class FullTrainer:
         # fp16 autocast needs loss scaling (bf16 and fp32 do not): a disabled scaler is a no-op.
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
+    def train_epoch(self, epoch: int, stop: Any = None, partial: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One epoch (or its rest, from ``partial``). With ``stop`` (a StopFlag) raised, returns at
+        the next optimizer-step boundary ``{"stopped": True, "partial": state}``: what
+        :meth:`train_epoch` needs (with the loader and trainer state) to finish the epoch exactly
+        as an uninterrupted run would."""
         cfg, rt = self.cfg, self.rt
         self.model.train()
-        self.loader.set_epoch(epoch)
+        if partial is None:
+            self.loader.set_epoch(epoch)
+        else:  # the rest of an interrupted epoch: the loader resumes at the next sample
+            self.loader.load_state_dict(partial["loader"])
         n_micro = self.steps_per_epoch * self.accum
         # Sums stay on the device: one host sync per epoch, not per micro-batch (issue 25, item 6).
-        loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
-        correct = torch.zeros((), dtype=torch.float64, device=rt.device)
-        seen = 0
-        lr = 0.0
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
-                   disable=not (cfg.run.progress and rt.world.is_main))
+        loss_sum = torch.tensor(partial["loss_sum"] if partial else 0.0, dtype=torch.float64, device=rt.device)
+        correct = torch.tensor(partial["correct"] if partial else 0.0, dtype=torch.float64, device=rt.device)
+        seen = int(partial["seen"]) if partial else 0
+        i0 = int(partial["micro"]) if partial else 0
+        lr = float(partial["lr"]) if partial else 0.0
+        bar = tqdm(total=self.steps_per_epoch, initial=i0 // self.accum, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   unit="step", leave=False, disable=not (cfg.run.progress and rt.world.is_main))
         show = not getattr(bar, "disable", True)
-        for i, batch in enumerate(self.loader):
+        check_every = 1 if not rt.distributed else 10  # a collective (+ host sync) when distributed
+        for i, batch in enumerate(self.loader, start=i0):
             if i >= n_micro:
                 break
             x, mask, y = batch["x"], model_mask(batch), batch["label"]
@@ -161,6 +171,12 @@ class FullTrainer:
                 bar.update(1)
                 if show and self.step % 10 == 0:  # a host sync: only for a visible bar, every 10 steps
                     bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}")
+                if stop is not None and i + 1 < n_micro and self.step % check_every == 0 \
+                        and all_reduce_flag(stop.raised, rt.device):
+                    bar.close()
+                    return {"stopped": True, "partial": {
+                        "loader": self.loader.state_dict(), "micro": i + 1, "loss_sum": float(loss_sum),
+                        "correct": float(correct), "seen": seen, "lr": lr}}
         bar.close()
         return {"train_loss": _mean_over_ranks(loss_sum, seen, rt.device),
                 "train_top1": 100.0 * _mean_over_ranks(correct, seen, rt.device), "lr": lr, "step": self.step}
@@ -227,7 +243,8 @@ class LinearProbe:
     def _standardise(self, f: np.ndarray) -> Tensor:
         return (torch.from_numpy(f).to(self.rt.device) - self.mean) / self.std
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
+    def train_epoch(self, epoch: int, stop: Any = None, partial: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One epoch on the cached features (milliseconds: a signal is honoured at the epoch's end)."""
         cfg = self.cfg
         n = self.f_train.shape[0]
         # Every rank holds all features and runs the same deterministic steps: no communication.

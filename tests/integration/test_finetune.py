@@ -182,6 +182,91 @@ def test_resume_continues_and_matches_uninterrupted(store, tmp_path):
     assert again["test_top1"] == pytest.approx(full["test_top1"], abs=1e-6)
 
 
+class _StopAfter:
+    """A StopFlag stand-in raised from its n-th read on (the loop reads it once per optimizer
+    step and once between epochs): a signal arriving at an exact, repeatable point."""
+
+    signum = 15
+
+    def __init__(self, n: int):
+        self.n, self.reads = n, 0
+
+    @property
+    def raised(self) -> bool:
+        self.reads += 1
+        return self.reads >= self.n
+
+
+@pytest.mark.parametrize("reads", [6, 4])  # 6: mid-epoch 1; 4: between epochs 0 and 1
+def test_signal_mid_epoch_then_resume_equals_uninterrupted(store, tmp_path, reads):
+    """Issue 28: fine-tuning is preemption-safe. A signal stops the run at the next optimizer step
+    with a partial-epoch checkpoint (weights, optimizer, loader cursor, RNG, running sums) and
+    status ``preempted``; running again finishes with the uninterrupted run's per-epoch losses,
+    weights and test accuracy (augmentation, crops and drop-path on: every random draw resumes)."""
+    from safetensors.torch import load_file
+
+    base = ("protocol=scratch", "epochs=2", "model.drop_path=0.1")
+    full = run_finetune(_cfg(store, tmp_path / "full", *base))
+    part = tmp_path / "part"
+    out = run_finetune(_cfg(store, part, *base), stop=_StopAfter(reads))
+    assert out["preempted"] and out["epoch"] == 1
+    status = json.loads((part / "status.json").read_text())
+    assert status["state"] == "preempted" and status["signal"] == 15
+    ckpts = sorted(d.name for d in (part / "checkpoints").iterdir())
+    assert ckpts == (["epoch_0000", "epoch_0001_partial"] if reads == 6 else ["epoch_0000"])
+    assert not (part / "final").exists()
+    resumed = run_finetune(_cfg(store, part, *base))
+    assert json.loads((part / "status.json").read_text())["state"] == "finished"
+    assert "epoch_0001_partial" not in [d.name for d in (part / "checkpoints").iterdir()]  # superseded
+    a = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in b] == [0, 1]
+    for ma, mb in zip(a, b):
+        for k in ("train_loss", "train_top1", "val_loss", "step"):
+            assert mb[k] == pytest.approx(ma[k], rel=1e-5, abs=1e-6), (k, ma[k], mb[k])
+    wa, wb = (load_file(str(d / "final" / "model.safetensors")) for d in (tmp_path / "full", part))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+    assert resumed["test_top1"] == pytest.approx(full["test_top1"], abs=1e-6)
+
+
+def test_cli_finetune_exits_preempted_on_sigterm(store, tmp_path):
+    """The real signal through the CLI: SIGTERM mid-run -> exit EXIT_PREEMPTED, status.json
+    ``preempted``; the same command again finishes (exit 0) with a complete metrics file."""
+    import os
+    import signal
+
+    from mtscale.train.rundir import EXIT_PREEMPTED
+
+    run_dir = tmp_path / "sig"
+    cmd = [sys.executable, "-m", "mtscale.cli", "finetune", "--config", str(CONFIG), "--protocol", "scratch",
+           "--set", f"data.store={store}", "--set", f"run.dir={run_dir}", *sum((["--set", x] for x in FAST), []),
+           "--set", "epochs=40"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and p.poll() is None:
+            m = run_dir / "metrics.jsonl"
+            if m.is_file() and len(m.read_text().splitlines()) >= 1:
+                break
+            time.sleep(0.1)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=240)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "preempted"
+    done_epochs = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    assert done_epochs < 40
+    r = subprocess.run(cmd[:-2] + ["--set", "epochs=40"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in rows] == list(range(40))
+
+
 def test_pretrained_key_and_geometry_errors(store, encoder_file, tmp_path):
     from safetensors.torch import load_file, save_file
 
