@@ -81,9 +81,15 @@ def _run(cfg: PretrainConfig, world: World, device: torch.device, backend: str, 
                                      num_bodies=cfg.data.num_bodies, num_joints=num_joints,
                                      parents=store.layout.parents),
         tr, ds_config)
-    if cfg.model.compile:  # in place (DeepSpeed's engine.compile): state-dict keys stay un-prefixed
+    if cfg.model.compile and device.type == "cuda":  # in place (engine.compile): state-dict keys stay un-prefixed
         engine.compile()
         log.info("model.compile: torch.compile on (the first steps include the compilation)")
+    elif cfg.model.compile:
+        # Measured 2026-12-06 (torch 2.13.0+cpu, DeepSpeed 0.19.8, AMD EPYC): engine.compile() on CPU
+        # aborts the process with glibc heap corruption at the first step (1 or 2 threads, with or
+        # without mtscale's malloc tuning); the same model compiled outside DeepSpeed trains.
+        log.warning("model.compile: not applied on CPU pre-training (torch.compile under DeepSpeed corrupts the "
+                    "heap on CPU here: benchmarks/README.md); running eager")
     cfg_dict = to_dict(cfg)
     layout = store.layout.name
 
