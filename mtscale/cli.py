@@ -1,12 +1,15 @@
 """``mtscale <verb>``: parses arguments, calls the library, prints results. No logic here.
 
-Errors derived from ``MtscaleError`` are printed as one line (no traceback), exit code 2.
+Errors derived from ``MtscaleError`` are printed as one line (no traceback), exit code 2. A
+closed output pipe (``mtscale info STORE | head``) ends the command quietly, exit code 141
+(128 + SIGPIPE, as a Unix tool killed by SIGPIPE reports it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from mtscale.errors import MtscaleError
@@ -31,7 +34,7 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
     opts = PrepareOptions(
         max_bodies=a.max_bodies, dtype=a.dtype, center=not a.no_center,
         view_normalize=a.view_normalize, drop_empty_frames=not a.keep_empty_frames,
-        denoise=not a.no_denoise, layout=a.layout,
+        denoise=not a.no_denoise, layout=a.layout, units=a.units,
     )
     summary = prepare(
         fmt=a.format, input_path=a.input, out=a.out, options=opts, workers=a.workers,
@@ -42,7 +45,7 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
     else:
         print(
             f"prepared {summary['num_samples']} samples ({summary['num_frames']} frames) into {a.out}; "
-            f"skipped {summary['num_skipped']} bad files, excluded {summary['num_excluded']}"
+            f"skipped {summary['num_skipped']} bad records, excluded {summary['num_excluded']}"
             + (f"; report: {summary['report']}" if summary.get("report") else "")
         )
     return 0
@@ -115,10 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", required=True, help="file or folder of raw recordings")
     s.add_argument("--out", required=True, help="store path (or fsspec URL)")
     s.add_argument("--workers", type=int, default=1)
-    s.add_argument("--strict", action="store_true", help="the first bad file is fatal")
+    s.add_argument("--strict", action="store_true", help="the first bad record (file or sample) is fatal")
     s.add_argument("--max-bodies", type=int, default=2)
     s.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     s.add_argument("--layout", default=None, help="joint layout (generic format; others know theirs)")
+    s.add_argument("--units", choices=("m", "mm", "px"), default="m",
+                   help="units of the raw coordinates (generic / pyskl; others are in m): recorded in the store, "
+                        "they set the bound on |coordinate| (100 m; 100,000 mm or px)")
     s.add_argument("--no-center", action="store_true")
     s.add_argument("--no-denoise", action="store_true", help="keep every body (no length / spread test)")
     s.add_argument("--keep-empty-frames", action="store_true")
@@ -150,7 +156,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        rc = _main(argv)
+        sys.stdout.flush()  # here, not at interpreter exit, where a closed pipe could not be caught
+        return rc
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _silence_stdout() -> None:
+    """The reader of stdout is gone: point stdout at /dev/null so the interpreter's final flush
+    does not raise again (the Python documentation's recipe for SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (e.g. captured in tests)
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
     from mtscale.runtime import tune_malloc
 
     tune_malloc()  # this process is ours (mtscale.runtime)

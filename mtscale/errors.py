@@ -17,10 +17,15 @@ class BadInputError(MtscaleError):
 
     >>> str(BadInputError("a.skeleton", 12, "found 24 joints", "25"))
     'a.skeleton:12: found 24 joints, expected 25'
+
+    ``index``: the record's position inside a file holding many (a ``.pkl`` annotation, an
+    ``.npz`` row), recorded in the skip report; None for a file that is one record.
     """
 
-    def __init__(self, path: str, line: int | None, found: str, expected: str | None = None):
+    def __init__(self, path: str, line: int | None, found: str, expected: str | None = None, *,
+                 index: int | None = None):
         self.path, self.line, self.found, self.expected = str(path), line, found, expected
+        self.index = index
         where = self.path if line is None else f"{self.path}:{line}"
         msg = f"{where}: {found}" + (f", expected {expected}" if expected else "")
         super().__init__(msg)

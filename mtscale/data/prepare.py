@@ -10,9 +10,15 @@ parts (``store_merge.Merger``: re-chunks and compresses the binary frames, ~1/20
 bytes). Either way the store is byte-identical whatever the number of workers. (An earlier design streamed every parsed array back to one writing
 parent; on 2 cores the parent was the bottleneck, 0.83-1.33x one worker.)
 
-- Bad input: a unit whose reader (or preprocessing) raises ``BadInputError`` is recorded in the
-  store's ``report.jsonl`` ({file, line, message}) and skipped; its neighbours are kept. With
-  ``strict`` the first bad unit aborts with that error instead.
+- Bad input: a record the reader (or preprocessing, or the checks here) refuses with
+  ``BadInputError`` is recorded in the store's ``report.jsonl`` ({file, line, index, message,
+  found, expected, num_records}) and skipped; its neighbours are kept, also the later records
+  of the same file where a file holds many (``.pkl``, ``.npz``: the reader yields the error of
+  a bad record and goes on). A unit that fails as a whole counts all its records. Refused
+  here, for every format: a label outside ``formats.LABEL_RULE`` (-1 or 0..99,999), a
+  coordinate beyond ``formats.MAX_ABS_COORD[units]`` (100 m; in preprocessing), a sample of
+  another layout or coordinate count than the first readable sample. Counts
+  (``num_skipped``) are of records. With ``strict`` the first bad record aborts instead.
 - Memory: each writer (one per worker) buffers at most one shard of frames; the merge reads
   and writes one shard at a time.
 - Resume: a writer persists a commit point after every shard written (units done, rows,
@@ -40,11 +46,11 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 import mtscale
-from mtscale.data.formats import get_reader
+from mtscale.data.formats import LABEL_RULE, get_reader, label_problem
 from mtscale.data.manifest import checksum_bytes
 from mtscale.data.preprocess import PrepareOptions, describe, preprocess
 from mtscale.data.store import REPORT, Store, is_local, join, store_exists, url_to_fs
-from mtscale.data.store_writer import PROGRESS, StoreWriter, duplicate_record, refuse_existing
+from mtscale.data.store_writer import PROGRESS, StoreWriter, duplicate_record, refuse_existing, skipped_records
 from mtscale.errors import BadInputError, ConfigError, StoreError
 
 log = logging.getLogger(__name__)
@@ -60,11 +66,13 @@ PARTS = ".parts"
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(reader_module: str, options: PrepareOptions, layout: str) -> None:
-    _WORKER.update(reader=importlib.import_module(reader_module), options=options, layout=layout)
+def _init_worker(reader_module: str, options: PrepareOptions, layout: str, coords: tuple[int | None, str]) -> None:
+    _WORKER.update(reader=importlib.import_module(reader_module), options=options, layout=layout, coords=coords)
 
 
-def _unit_bytes(unit: Any) -> int:
+def _unit_bytes(reader: Any, unit: Any) -> int:
+    if hasattr(reader, "unit_bytes"):
+        return int(reader.unit_bytes(unit))
     path = unit if isinstance(unit, (str, os.PathLike)) else None
     try:
         return os.path.getsize(path) if path is not None else 0
@@ -72,27 +80,43 @@ def _unit_bytes(unit: Any) -> int:
         return 0
 
 
-def _failure(e: BadInputError) -> dict[str, Any]:
-    return {"file": e.path, "line": e.line, "message": str(e), "found": e.found, "expected": e.expected}
+def _failure(e: BadInputError, num_records: int = 1) -> dict[str, Any]:
+    return {"file": e.path, "line": e.line, "index": e.index, "message": str(e), "found": e.found,
+            "expected": e.expected, "num_records": num_records}
 
 
 def process_unit(unit: Any) -> tuple[list[tuple], list[dict], int]:
-    """Worker: read one unit, preprocess, cast to the store dtype, checksum.
+    """Worker: read one unit, check, preprocess, cast to the store dtype, checksum.
 
     Returns (samples [(sample_id, x_TMVC, label, fields, checksum)], failures [report
-    records], bytes of raw input). ``BadInputError`` becomes a failure record; samples
-    yielded before a failure in the same unit are kept.
+    records], bytes of raw input). A bad record (yielded or raised as ``BadInputError``)
+    becomes a failure record; the unit's other records are kept. A unit that raises counts its
+    records not yet seen (``reader.unit_records``) in the failure.
     """
     reader, options, layout = _WORKER["reader"], _WORKER["options"], _WORKER["layout"]
+    num_coords, first = _WORKER["coords"]
     dtype = np.dtype(options.dtype)
     samples: list[tuple] = []
     failures: list[dict] = []
+    seen = 0
     try:
         for raw in reader.read_unit(unit):
+            seen += 1
+            if isinstance(raw, BadInputError):
+                failures.append(_failure(raw))
+                continue
             try:
+                where = raw.source or str(unit)
                 if raw.layout != layout:
-                    raise BadInputError(raw.source or str(unit), None, f"sample {raw.sample_id} has layout {raw.layout!r}",
+                    raise BadInputError(where, None, f"sample {raw.sample_id} has layout {raw.layout!r}",
                                         f"{layout!r} like the rest of this store")
+                problem = label_problem(raw.label)
+                if problem is not None:
+                    raise BadInputError(where, None, f"sample {raw.sample_id} has {problem}", LABEL_RULE)
+                C = np.shape(raw.x_MTVC)[-1] if np.ndim(raw.x_MTVC) == 4 else num_coords  # else preprocess refuses it
+                if num_coords is not None and C != num_coords:
+                    raise BadInputError(where, None, f"{C} coordinates per joint",
+                                        f"{num_coords} like the first sample ({first})")
                 x = preprocess(raw, options)  # (T, M, V, C) float32
                 with np.errstate(over="ignore"):
                     x = np.ascontiguousarray(x, dtype=dtype)
@@ -103,10 +127,13 @@ def process_unit(unit: Any) -> tuple[list[tuple], list[dict], int]:
                 fields.setdefault("source_file", raw.source or None)
                 samples.append((raw.sample_id, x, int(raw.label), fields, checksum_bytes(x)))
             except BadInputError as e:
+                if e.index is None:
+                    e.index = raw.index
                 failures.append(_failure(e))
     except BadInputError as e:
-        failures.append(_failure(e))
-    return samples, failures, _unit_bytes(unit)
+        total = int(reader.unit_records(unit)) if hasattr(reader, "unit_records") else 1
+        failures.append(_failure(e, max(1, total - seen)))
+    return samples, failures, _unit_bytes(reader, unit)
 
 
 def _ingest_units(writer: StoreWriter, units: list[Any], start: int, input_bytes: int, strict: bool,
@@ -123,7 +150,7 @@ def _ingest_units(writer: StoreWriter, units: list[Any], start: int, input_bytes
             writer.append(sid, x, label, fields, checksum=checksum)
         for f in failures:
             if strict:
-                raise BadInputError(f["file"], f["line"], f["found"], f["expected"])
+                raise BadInputError(f["file"], f["line"], f["found"], f["expected"], index=f.get("index"))
             if log_skips:
                 log.warning("skipped: %s", f["message"])
             writer.add_report(f)
@@ -134,8 +161,9 @@ def _ingest_units(writer: StoreWriter, units: list[Any], start: int, input_bytes
     return input_bytes
 
 
-def _init_part_worker(reader_module: str, options: PrepareOptions, layout: str, units_done: Any, bytes_done: Any) -> None:
-    _init_worker(reader_module, options, layout)
+def _init_part_worker(reader_module: str, options: PrepareOptions, layout: str, coords: tuple[int | None, str],
+                      units_done: Any, bytes_done: Any) -> None:
+    _init_worker(reader_module, options, layout, coords)
     _WORKER.update(units_done=units_done, bytes_done=bytes_done)
 
 
@@ -214,16 +242,23 @@ def _slice(units: list[Any], part_index: int | None, num_parts: int | None) -> l
     return units[part_index * n // num_parts : (part_index + 1) * n // num_parts]
 
 
-def _detect_layout(reader: Any, units: list[Any], options: PrepareOptions) -> str:
+def _detect_shape(reader: Any, units: list[Any], options: PrepareOptions) -> tuple[str, tuple[int | None, str]]:
+    """(layout, (coordinates per joint, the sample that decided them)) of the store: what the
+    format or ``--layout`` says, else what the first readable sample has (in unit order, so
+    the same whatever the number of workers). Later samples that differ are skipped."""
     layout = options.layout or getattr(reader, "LAYOUT", None)
-    if layout:
-        return layout
-    for unit in units[:50]:  # the format does not say: ask the first readable unit
+    num_coords = getattr(reader, "NUM_COORDS", None)
+    if layout and num_coords:
+        return layout, (num_coords, f"format {reader.__name__.rsplit('.', 1)[-1]}")
+    for unit in units:  # ask the first readable sample
         try:
             for raw in reader.read_unit(unit):
-                return raw.layout
+                if not isinstance(raw, BadInputError) and np.ndim(raw.x_MTVC) == 4:
+                    return layout or raw.layout, (num_coords or int(np.shape(raw.x_MTVC)[-1]), raw.source or str(unit))
         except BadInputError:
             continue
+    if layout:
+        return layout, (num_coords, "")  # nothing readable: every unit will be reported
     raise ConfigError("--layout: the format does not name its joint layout and no readable unit was found, expected --layout")
 
 
@@ -270,9 +305,13 @@ def prepare(fmt: str, input_path: str, out: str, options: PrepareOptions | None 
         raise ConfigError(f"--workers: found {workers}, expected >= 1")
     t0 = time.perf_counter()
     reader = get_reader(fmt)
+    fixed_units = getattr(reader, "UNITS", None)
+    if fixed_units is not None and options.units != fixed_units:
+        raise ConfigError(f"--units: found {options.units!r}, expected {fixed_units!r} for format {fmt} "
+                          "(its coordinates are always in those units)")
     listing = reader.list_units(str(input_path), options.layout)
     units = _slice(list(listing.units), part_index, num_parts)
-    layout = _detect_layout(reader, units, options)
+    layout, coords = _detect_shape(reader, units, options)
     units_digest = hashlib.blake2b(json.dumps(units, default=str).encode(), digest_size=16).hexdigest()
     key = {
         "format": fmt, "input": os.path.abspath(input_path) if "://" not in str(input_path) else str(input_path),
@@ -280,7 +319,8 @@ def prepare(fmt: str, input_path: str, out: str, options: PrepareOptions | None 
         "num_units": len(units), "units_digest": units_digest, "chunk_frames": chunk_frames,
         "shard_chunks": shard_chunks, "mtscale_version": mtscale.__version__,
     }
-    attrs = {"format": fmt, "preprocessing": describe(options), "class_names": listing.class_names}
+    attrs = {"format": fmt, "units": options.units, "preprocessing": describe(options),
+             "class_names": listing.class_names}
     num_excluded = len(listing.excluded) if part_index in (None, 0) else 0
     ingest = {"num_units": len(units), "num_excluded": num_excluded, "part_index": part_index, "num_parts": num_parts}
     fs, path = url_to_fs(str(out).rstrip("/"))
@@ -288,8 +328,8 @@ def prepare(fmt: str, input_path: str, out: str, options: PrepareOptions | None 
     per_process = "memory" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     # memory:// lives in one process: there the workers stream results to the writing parent
     if (workers > 1 or fs.exists(path + PARTS)) and not single_leftover and not per_process:
-        return _prepare_parts(str(out).rstrip("/"), units, workers, (reader.__name__, options, layout), key, attrs,
-                              ingest, strict, progress, chunk_frames, shard_chunks, t0, str(input_path))
+        return _prepare_parts(str(out).rstrip("/"), units, workers, (reader.__name__, options, layout, coords), key,
+                              attrs, ingest, strict, progress, chunk_frames, shard_chunks, t0, str(input_path))
     writer = StoreWriter(out, layout=layout, num_bodies=options.max_bodies, dtype=options.dtype, attrs=attrs,
                          chunk_frames=chunk_frames, shard_chunks=shard_chunks, resume_key=key)
     state = writer.resumed or {"units_done": 0, "input_bytes": 0}
@@ -306,10 +346,10 @@ def prepare(fmt: str, input_path: str, out: str, options: PrepareOptions | None 
         bar.update(1)
         now = time.perf_counter()
         if progress and now - done["post"] > 0.5:
-            bar.set_postfix_str(f"{done['bytes'] / max(now - t_run, 1e-9) / 1e6:.1f} MB/s", refresh=False)
+            bar.set_postfix_str(_rate(done["bytes"], now - t_run), refresh=False)
             done["post"] = now
 
-    results = _results(units[start:], workers, (reader.__name__, options, layout), sem, stop)
+    results = _results(units[start:], workers, (reader.__name__, options, layout, coords), sem, stop)
     try:
         input_bytes = _ingest_units(writer, units, start, int(state["input_bytes"]), strict, results, on_unit)
     except BaseException:
@@ -320,7 +360,7 @@ def prepare(fmt: str, input_path: str, out: str, options: PrepareOptions | None 
         if hasattr(results, "close"):
             results.close()
         bar.close()
-    num_skipped = len(writer._report)
+    num_skipped = skipped_records(writer._report)
     if writer.num_samples == 0:
         first = writer._report[0]["message"] if writer._report else "no samples"
         writer.discard()
@@ -329,6 +369,11 @@ def prepare(fmt: str, input_path: str, out: str, options: PrepareOptions | None 
     writer.attrs["ingest"] = {**ingest, "num_skipped": num_skipped, "input_bytes": input_bytes}
     store: Store = writer.close()
     return _summary(store, ingest, num_skipped, start, input_bytes, t0, done["bytes"], time.perf_counter() - t_run)
+
+
+def _rate(nbytes: int, seconds: float) -> str:
+    """Progress-bar postfix: input MB/s (empty while no bytes are known: the bar shows files/s)."""
+    return f"{nbytes / max(seconds, 1e-9) / 1e6:.1f} MB/s" if nbytes else ""
 
 
 def _summary(store: Store, ingest: dict, num_skipped: int, units_resumed: int, input_bytes: int, t0: float,
@@ -366,7 +411,7 @@ def _prepare_parts(out: str, units: list[Any], workers: int, init_args: tuple, k
 
     def show() -> None:
         bar.n = units_done.value
-        bar.set_postfix_str(f"{bytes_done.value / max(time.perf_counter() - t_run, 1e-9) / 1e6:.1f} MB/s", refresh=False)
+        bar.set_postfix_str(_rate(bytes_done.value, time.perf_counter() - t_run), refresh=False)
         bar.refresh()
 
     pool = None

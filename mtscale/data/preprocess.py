@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mtscale.data.formats import RawSample
+from mtscale.data.formats import MAX_ABS_COORD, RawSample, bound_text, coordinate_problem
 from mtscale.data.layouts import get_layout
 from mtscale.errors import BadInputError
 
@@ -46,6 +46,9 @@ class PrepareOptions:
     """Rotate so hip->spine is +y and right->left shoulder is +x (first valid frame)."""
     layout: str | None = None
     """Layout override (generic format); other formats know their layout."""
+    units: str = "m"
+    """Units of the raw coordinates (``m``, ``mm``, ``px``), recorded in the store; they set the
+    bound on |coordinate| at ingest (``formats.MAX_ABS_COORD``: 100 m, 100,000 mm / px)."""
 
     def __post_init__(self) -> None:
         from mtscale.errors import ConfigError
@@ -58,6 +61,8 @@ class PrepareOptions:
             raise ConfigError(f"min_body_frames: found {self.min_body_frames}, expected >= 0")
         if self.spread_ratio <= 0:
             raise ConfigError(f"spread_ratio: found {self.spread_ratio}, expected > 0")
+        if self.units not in MAX_ABS_COORD:
+            raise ConfigError(f"units: found {self.units!r}, expected one of {sorted(MAX_ABS_COORD)}")
 
 
 def describe(options: PrepareOptions) -> dict[str, Any]:
@@ -138,19 +143,23 @@ def preprocess(sample: RawSample, options: PrepareOptions) -> np.ndarray:
 
     Steps (each switchable): denoise + body selection (most motion first), drop frames where
     every kept body is absent, centre on the layout's centre joint of the main body's first
-    valid frame, view normalisation. Absent bodies stay exactly zero.
+    valid frame, view normalisation. Absent bodies stay exactly zero. First the raw values are
+    checked, in their own dtype: finite and within ``MAX_ABS_COORD[options.units]``.
     """
-    x_MTVC = np.asarray(sample.x_MTVC, dtype=np.float32)
+    x_raw = np.asarray(sample.x_MTVC)
     where = sample.source or sample.sample_id
-    if x_MTVC.ndim != 4:
-        raise BadInputError(where, None, f"sample {sample.sample_id} has shape {x_MTVC.shape}", "(M, T, V, C)")
+    if x_raw.ndim != 4 or x_raw.dtype.kind not in "fiu":
+        raise BadInputError(where, None, f"sample {sample.sample_id} has shape {x_raw.shape} dtype {x_raw.dtype}",
+                            "(M, T, V, C) numbers")
+    problem = coordinate_problem(x_raw, MAX_ABS_COORD[options.units])
+    if problem is not None:
+        raise BadInputError(where, None, f"sample {sample.sample_id} has a {problem}", bound_text(options.units))
+    x_MTVC = x_raw.astype(np.float32)  # within the bound: no overflow
     layout = get_layout(sample.layout)
     M_raw, T, V, C = x_MTVC.shape
     if V != layout.num_joints:
         raise BadInputError(where, None, f"sample {sample.sample_id} has {V} joints",
                             f"{layout.num_joints} for layout {layout.name}")
-    if not np.isfinite(x_MTVC).all():
-        raise BadInputError(where, None, f"sample {sample.sample_id} has non-finite coordinates", "finite values")
     if M_raw == 0 or T == 0:
         raise BadInputError(where, None, f"sample {sample.sample_id} has no frames with a body",
                             "at least one frame with a body")

@@ -12,7 +12,7 @@ Layout of a store at ``URL`` (a local path or any fsspec URL: ``memory://``, ``s
                              the unit of reading), blosc (lz4-9 by default; stores written before: zstd-3)
                              + byte shuffle per chunk; read directly by ``shard_reader``
     URL/manifest.parquet     one row per sample, sorted by offset (see ``manifest.py``)
-    URL/report.jsonl         files skipped by prepare (file, line, message), if any
+    URL/report.jsonl         records skipped by prepare (file, line, index, message, ...), if any
 
 Writers build ``URL.partial`` beside the target and rename it when complete (local disks); on
 object stores, where renames are copies, they write in place and the manifest last: a store

@@ -10,7 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from mtscale.data.store import REPORT, Store, join, url_to_fs
-from mtscale.data.store_writer import StoreWriter, duplicate_record
+from mtscale.data.store_writer import StoreWriter, duplicate_record, skipped_records
 from mtscale.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -86,20 +86,20 @@ class Merger:
 
     def close(self) -> dict[str, Any]:
         """Publish ``out``. Its ``ingest`` attribute is ``self.ingest`` with ``num_skipped`` the
-        merged report's length, or by default the parts' counts summed and their urls."""
+        records the merged report stands for, or by default the parts' counts summed and their urls."""
         self._bar.close()
         if self.writer is None:
             raise StoreError("merge: no parts given, expected one or more stores")
         w = self.writer
         if self.ingest is not None:
-            ingest = dict(self.ingest, num_skipped=len(w._report))
+            ingest = dict(self.ingest, num_skipped=skipped_records(w._report))
         else:
             ingest = {k: sum(i.get(k, 0) or 0 for i in self._old_ingest) for k in ("num_skipped", "num_excluded", "input_bytes")}
             ingest["merged_from"] = self.urls
         w.attrs["ingest"] = ingest
         merged = w.close()
         return {"num_samples": merged.num_samples, "num_frames": merged.num_frames, "num_parts": len(self.urls),
-                "num_skipped": len(w._report), "out": merged.url}
+                "num_skipped": skipped_records(w._report), "out": merged.url}
 
 
 def _check_compatible(s: Store, first: Store) -> None:

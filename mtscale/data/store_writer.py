@@ -341,9 +341,15 @@ def refuse_existing(url: str) -> None:
 def duplicate_record(sample_id: str, file: str | None, where: Any) -> dict[str, Any]:
     """The skip-report record of a sample whose id was already written (``where``: the unit
     that brought it again)."""
-    return {"file": file, "line": None,
+    return {"file": file, "line": None, "index": None,
             "message": f"{where}: sample_id {sample_id!r} already ingested from another unit, expected unique ids",
-            "found": f"duplicate sample_id {sample_id!r}", "expected": "unique ids"}
+            "found": f"duplicate sample_id {sample_id!r}", "expected": "unique ids", "num_records": 1}
+
+
+def skipped_records(report: list[dict[str, Any]]) -> int:
+    """Records a skip report stands for: one per entry, but an entry for a unit that failed as
+    a whole counts its records (``num_records``)."""
+    return sum(int(r.get("num_records", 1)) for r in report)
 
 
 def release_free_memory() -> None:

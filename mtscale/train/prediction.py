@@ -67,6 +67,8 @@ def iter_samples(files: list[str], fmt: str | None, meta: dict[str, Any]) -> Ite
                                 "a readable recording")
         for unit in listing.units:
             for sample in reader.read_unit(unit):
+                if isinstance(sample, BadInputError):  # a bad record of a many-record file
+                    raise sample
                 yield f, sample
 
 

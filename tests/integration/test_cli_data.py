@@ -95,3 +95,31 @@ def test_prepare_real_nw_ucla(ucla_dir: Path, tmp_path: Path):
     assert info["splits"]["view"] == {"test": 464, "train": 1020}
     assert info["num_classes"] == 10 and sum(info["label_counts"].values()) == 1484
     assert mtscale("verify", str(tmp_path / "ucla"), "--quiet").returncode == 0
+
+
+def test_bad_record_counted_as_record_and_info_into_a_closed_pipe(tmp_path: Path):
+    """Issue 29: one bad annotation of a PYSKL file costs one record, said so in records; `info`
+    whose reader has gone (`mtscale info STORE | head`) ends quietly like a Unix tool."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    anns = [dict(frame_dir=f"S001C001P001R001A{i:03d}", label=i % 3, total_frames=10,
+                 keypoint=rng.normal(size=(1, 10, 25, 3)).astype(np.float32)) for i in range(12)]
+    anns[4]["keypoint"][0, 0, 0, 0] = np.nan
+    (tmp_path / "a.pkl").write_bytes(pickle.dumps({"split": {}, "annotations": anns}))
+    p = mtscale("prepare", "--format", "pyskl", "--input", str(tmp_path / "a.pkl"), "--out", str(tmp_path / "st"),
+                "--quiet")
+    assert p.stdout.startswith("prepared 11 samples") and "skipped 1 bad records" in p.stdout, p.stdout
+    skipped = [line for line in p.stderr.splitlines() if line.startswith("skipped: ")]
+    assert len(skipped) == 1 and "annotations[4].keypoint has non-finite values" in skipped[0], p.stderr
+    # the reader closes the pipe before mtscale writes a byte (the imports alone take longer)
+    proc = subprocess.Popen([sys.executable, "-m", "mtscale.cli", "info", str(tmp_path / "st")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and err == "", err  # was: a BrokenPipeError traceback
+    shell = subprocess.run(f"'{sys.executable}' -m mtscale.cli info --json '{tmp_path / 'st'}' | head -n 1",
+                           shell=True, capture_output=True, text=True, timeout=300)
+    assert shell.stdout == "{\n" and shell.stderr == "", shell.stderr

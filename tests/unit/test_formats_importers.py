@@ -104,8 +104,10 @@ def test_pyskl_layout_from_joint_count(tmp_path: Path) -> None:
     assert {s.layout for u in pyskl.list_units(str(p)).units for s in pyskl.read_unit(u)} == {"kinect_v1_20"}
     p, _ = _pyskl(tmp_path, V=17)
     pyskl._load.cache_clear()
-    with pytest.raises(BadInputError, match=r"annotations\[0\].keypoint has 17 joints"):
-        [s for u in pyskl.list_units(str(p)).units for s in pyskl.read_unit(u)]
+    # a bad record is yielded (with its index), not raised: the records after it are still read
+    items = [s for u in pyskl.list_units(str(p)).units for s in pyskl.read_unit(u)]
+    assert [type(s) for s in items] == [BadInputError] * 3 and [s.index for s in items] == [0, 1, 2]
+    assert "annotations[0].keypoint has 17 joints" in str(items[0])
 
 
 class _Evil:

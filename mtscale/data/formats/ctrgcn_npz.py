@@ -9,11 +9,18 @@ Units are (path, split, start, stop) ranges of ~1000 samples so that ``prepare``
 parallelises; each worker reads only its rows: arrays stored uncompressed (``np.savez``)
 are read by seeking inside the archive member, compressed ones are streamed.
 Trailing all-zero frames are trimmed. Sample ids are ``train_000123`` / ``test_000045``;
-the split field is ``split_default``.
+the split field is ``split_default``. A bad row is reported with its index and skipped; the
+other rows of its range are kept.
+
+Labels: CTR-GCN files are fully labelled. Label -1 is taken as mtscale's "unlabelled" and
+kept, with one warning giving the count (``list_units``); a label below -1 is refused at
+ingest (skipped and reported, like a label >= 100,000: ``formats.MAX_LABEL``). Coordinates
+are in metres.
 """
 
 from __future__ import annotations
 
+import logging
 import zipfile
 from collections.abc import Iterator
 from functools import lru_cache
@@ -25,7 +32,11 @@ from mtscale.data.formats import Listing, RawSample
 from mtscale.data.layouts import LAYOUTS
 from mtscale.errors import BadInputError
 
+log = logging.getLogger(__name__)
+
 LAYOUT = None
+UNITS = "m"
+NUM_COORDS = 3
 UNIT_SIZE = 1000
 _SPLITS = ("train", "test")
 _BY_WIDTH = {2 * 25 * 3: "ntu25", 2 * 20 * 3: "kinect_v1_20"}
@@ -84,6 +95,8 @@ def _labels_cached(path: str, split: str, mtime_ns: int) -> np.ndarray:
             raise BadInputError(path, None, f"y_{split}[{bad}] is not one-hot", "exactly one 1 per row")
         return y.argmax(axis=1).astype(np.int64)
     if y.ndim == 1 and (y.dtype.kind in "iu" or (y.dtype.kind == "f" and np.all(y == np.round(y)))):
+        if y.dtype.kind == "f":  # a float beyond int64 stays absurd (refused at ingest), without a cast warning
+            y = np.clip(y, -(2**62), 2**62)
         return y.astype(np.int64)
     raise BadInputError(path, None, f"y_{split} has shape {y.shape} dtype {y.dtype}", "(N, classes) one-hot or (N,) ints")
 
@@ -97,6 +110,7 @@ def list_units(input_path: str, layout: str | None = None) -> Listing:
     except zipfile.BadZipFile:
         raise BadInputError(path, None, "not an .npz (zip) archive", "a CTR-GCN .npz file") from None
     units = []
+    unlabelled: dict[str, int] = {}
     with zf:
         for split in _SPLITS:
             shape, dtype, _ = _header(zf, f"x_{split}", path)
@@ -107,7 +121,27 @@ def list_units(input_path: str, layout: str | None = None) -> Listing:
             if len(y) != shape[0]:
                 raise BadInputError(path, None, f"y_{split} has {len(y)} rows but x_{split} {shape[0]}", "equal counts")
             units += [(path, split, s, min(s + UNIT_SIZE, shape[0]), layout) for s in range(0, shape[0], UNIT_SIZE)]
+            unlabelled[split] = int((y == -1).sum())
+    if sum(unlabelled.values()):
+        counts = ", ".join(f"y_{k} {n}" for k, n in unlabelled.items() if n)
+        log.warning("%s: %d samples have label -1 (%s): ingested as unlabelled (-1); labels below -1 are refused",
+                    path, sum(unlabelled.values()), counts)
     return Listing(units=units)
+
+
+def unit_records(unit: tuple) -> int:
+    return unit[3] - unit[2]
+
+
+def unit_bytes(unit: tuple) -> int:
+    """Bytes of the unit's rows of ``x`` (uncompressed)."""
+    path, split, start, stop, _ = unit
+    try:
+        with zipfile.ZipFile(path) as zf:
+            shape, dtype, _ = _header(zf, f"x_{split}", path)
+    except (OSError, zipfile.BadZipFile, BadInputError):
+        return 0
+    return (stop - start) * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
 
 
 def _layout_of(width: int, layout: str | None, path: str) -> tuple[str, int, int]:
@@ -124,20 +158,23 @@ def _layout_of(width: int, layout: str | None, path: str) -> tuple[str, int, int
     return layout, width // (V * 3), V
 
 
-def read_unit(unit: tuple) -> Iterator[RawSample]:
+def read_unit(unit: tuple) -> Iterator[RawSample | BadInputError]:
+    """Rows [start, stop) of a split; a bad row is yielded as ``BadInputError`` (with its index)
+    and the next ones are still read."""
     path, split, start, stop, layout = unit
     x = _read_rows(path, f"x_{split}", start, stop)  # (n, T, M*V*C)
     layout, M, V = _layout_of(x.shape[2], layout, path)
     y = _labels(path, split)
     for k in range(stop - start):
         i = start + k
-        xt = np.asarray(x[k], dtype=np.float32)
+        xt = x[k]  # (T, M*V*C), its own dtype: preprocess checks the bound before casting
         nz = np.flatnonzero(np.any(xt != 0, axis=1))
         T = int(nz[-1]) + 1 if len(nz) else 0
         x_TMVC = xt[:T].reshape(T, M, V, 3)
         if not np.isfinite(x_TMVC).all():
-            raise BadInputError(path, None, f"x_{split}[{i}] has non-finite values", "finite coordinates")
+            yield BadInputError(path, None, f"x_{split}[{i}] has non-finite values", "finite coordinates", index=i)
+            continue
         fields = dict(split_default=split, index=i, num_frames_raw=T,
                       num_bodies_raw=int(np.any(x_TMVC != 0, axis=(0, 2, 3)).sum()), source_file=Path(path).name)
         yield RawSample(f"{split}_{i:06d}", np.ascontiguousarray(x_TMVC.transpose(1, 0, 2, 3)), int(y[i]),
-                        layout, fields, source=f"{path}:x_{split}[{i}]")
+                        layout, fields, source=f"{path}:x_{split}[{i}]", index=i)

@@ -16,7 +16,8 @@ for 2-D keypoints (without view normalisation). Arrays are loaded with
 ``labels.csv`` (UTF-8, comma-separated, with a header row) has one row per sample:
 
 - ``id`` (required): the file name without ``.npy``.
-- ``label`` (required): the 0-based integer class id (-1 = unknown / unlabelled).
+- ``label`` (required): the 0-based integer class id, below 100,000 (``MAX_LABEL``), or -1
+  (unknown / unlabelled).
 - ``layout`` (optional): the joint layout of that row (e.g. ``ntu25``, ``kinect_v1_20``).
   ``--layout`` (``prepare --layout``) overrides it. Without either, the layout is the one
   whose joint count equals V, where exactly one does.
@@ -26,9 +27,16 @@ for 2-D keypoints (without view normalisation). Arrays are loaded with
   column whose every non-empty cell is an integer is stored as int, else where every cell
   is a number as float, else as text; empty cells are None.
 
-Errors name the file and the line: a malformed CSV row, a duplicate id, a listed id without
-its ``.npy``, an ``.npy`` without a CSV row, a wrong joint count for the layout, non-finite
-values, or an array that is not 3-D / 4-D.
+Errors name the file and the line. A ``labels.csv`` that cannot be read as a table (no header
+``id,label``, a row with another number of cells, a duplicate or malformed id) stops
+``prepare`` before any work. Everything else skips that one sample and is reported (one line
+in ``report.jsonl``, with the file or ``labels.csv:line``): a bad value in its row (a label
+that is not an integer, below -1 or >= 100,000; an unknown layout; a split value other than
+train / test / val / empty), a listed id without its ``.npy``, an ``.npy`` without a row, an
+unreadable ``.npy`` (empty, truncated, pickled objects), an array that is not 3-D / 4-D, a
+wrong joint count for the layout, non-finite values or values beyond the coordinate bound
+(``formats.MAX_ABS_COORD``), or another number of coordinates C than the first readable
+sample has.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from mtscale.data.formats import Listing, RawSample
+from mtscale.data.formats import LABEL_RULE, MAX_LABEL, Listing, RawSample
 from mtscale.data.layouts import LAYOUTS
 from mtscale.errors import BadInputError
 
@@ -59,6 +67,8 @@ class GenericUnit:
     fields: dict[str, Any] = field(default_factory=dict, hash=False)
     csv_line: int | None = None
     """Line of the sample's row in labels.csv; None for an .npy without a row."""
+    problem: tuple[str, str] | None = None
+    """(found, expected) of a bad value in the row: the sample is reported, not read."""
 
 
 def _convert_column(values: list[str]) -> list[Any]:
@@ -109,23 +119,24 @@ def list_units(input_path: str, layout: str | None = None) -> Listing:
         if sid in seen:
             raise BadInputError(str(csv_path), line, f"duplicate id {sid!r} (first on line {seen[sid]})", "unique ids")
         seen[sid] = line
+        problem: tuple[str, str] | None = None
         try:
             label = int(cols["label"][n])
         except ValueError:
-            raise BadInputError(str(csv_path), line, f"label {cols['label'][n]!r}", "an integer class id (-1 = unknown)") from None
-        if label < -1:
-            raise BadInputError(str(csv_path), line, f"label {label}", "a 0-based class id or -1")
+            label, problem = -1, (f"label {cols['label'][n]!r}", f"an integer class id: {LABEL_RULE}")
+        if not -1 <= label < MAX_LABEL:
+            label, problem = -1, (f"label {label}", LABEL_RULE)
         row_layout = layout or (cols["layout"][n].strip() or None if "layout" in cols else None)
         if row_layout is not None and row_layout not in LAYOUTS:
-            raise BadInputError(str(csv_path), line, f"layout {row_layout!r}", f"one of {sorted(LAYOUTS)}")
+            row_layout, problem = None, problem or (f"layout {row_layout!r}", f"one of {sorted(LAYOUTS)}")
         fields: dict[str, Any] = {h: v[n] for h, v in extra.items()}
         for h in header:
             if h.startswith("split_"):
                 v = cols[h][n].strip().lower()
                 if v not in _SPLIT_VALUES + ("",):
-                    raise BadInputError(str(csv_path), line, f"{h} = {cols[h][n]!r}", "train, test, val or empty")
+                    v, problem = "", problem or (f"{h} = {cols[h][n]!r}", "train, test, val or empty")
                 fields[h] = v or None
-        units.append(GenericUnit(str(root / f"{sid}.npy"), sid, label, row_layout, fields, line))
+        units.append(GenericUnit(str(root / f"{sid}.npy"), sid, label, row_layout, fields, line, problem))
     for npy in sorted(root.glob("*.npy")):
         if npy.stem not in seen:
             units.append(GenericUnit(str(npy), npy.stem))
@@ -149,16 +160,27 @@ def _layout_for(V: int, unit: GenericUnit) -> str:
     return matches[0]
 
 
+def unit_bytes(unit: GenericUnit) -> int:
+    try:
+        return Path(unit.npy_path).stat().st_size
+    except OSError:
+        return 0
+
+
 def read_unit(unit: GenericUnit) -> Iterator[RawSample]:
+    path = Path(unit.npy_path)
+    if unit.problem is not None:
+        raise BadInputError(str(path.parent / LABELS), unit.csv_line, *unit.problem)
     if unit.csv_line is None:
         raise BadInputError(unit.npy_path, None, f"no row for id {unit.sample_id!r} in {LABELS}", "a labels row for every .npy")
-    path = Path(unit.npy_path)
     if not path.is_file():
         raise BadInputError(str(path.parent / LABELS), unit.csv_line, f"id {unit.sample_id!r} has no file {path.name}", "an .npy per listed id")
     try:
         x = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise BadInputError(str(path), None, f"unreadable array ({e})", "a numeric .npy without pickled objects") from None
+    except (ValueError, EOFError, OSError) as e:  # pickled objects, empty, truncated, unreadable
+        msg = " ".join(str(e).split())  # one line
+        raise BadInputError(str(path), None, f"unreadable array ({type(e).__name__}: {msg})",
+                            "a numeric .npy without pickled objects") from None
     if not isinstance(x, np.ndarray) or x.dtype.kind not in "fiu":
         raise BadInputError(str(path), None, f"dtype {getattr(x, 'dtype', type(x))}", "a float or integer array")
     if x.ndim == 3:
@@ -166,8 +188,7 @@ def read_unit(unit: GenericUnit) -> Iterator[RawSample]:
     if x.ndim != 4:
         raise BadInputError(str(path), None, f"shape {x.shape}", "(T, V, C) or (M, T, V, C)")
     layout = _layout_for(x.shape[2], unit)
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all():
+    if not np.isfinite(x).all():  # in its own dtype: preprocess checks the bound before casting
         m, t, v, _ = np.argwhere(~np.isfinite(x))[0]
         raise BadInputError(str(path), None, f"non-finite value at body {m} frame {t} joint {v}", "finite coordinates")
     fields = dict(unit.fields)

@@ -32,10 +32,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mtscale.data.formats import Listing, RawSample, ntu_scan
+from mtscale.data.formats import MAX_ABS_COORD, Listing, RawSample, bound_text, ntu_scan
 from mtscale.errors import BadInputError
 
 LAYOUT = "ntu25"
+UNITS = "m"
+NUM_COORDS = 3
+MAX_ABS = MAX_ABS_COORD[UNITS]
+"""Joint x, y, z beyond this (100 m) are refused naming their line (``formats`` module doc)."""
 NUM_JOINTS = 25
 _JOINT_FIELDS = 12
 _BODY_FIELDS = 10
@@ -202,7 +206,8 @@ def parse_skeleton(data: bytes, path: str = "<bytes>") -> tuple[np.ndarray, int,
     Raises BadInputError naming the line of the first problem.
 
     A well-formed file is read by the compiled one-pass scanner (``ntu_scan``); anything it
-    does not take runs through the reference parser below, which accepts or names the line.
+    does not take (also a joint x, y, z beyond ``MAX_ABS``) runs through the reference parser
+    below, which accepts or names the line.
     """
     fast = ntu_scan.scan(data)
     if fast is not None:
@@ -315,7 +320,8 @@ def _parse_joint_lines(lines: list[bytes], starts: list[int], path: str) -> np.n
             io.BytesIO(b"\n".join(block)), sep=" ", header=None, dtype=np.float64, engine="c",
             na_filter=False, skip_blank_lines=False,
         ).to_numpy()
-        ok = arr.shape == (n, _JOINT_FIELDS) and bool(np.isfinite(arr).all())
+        ok = (arr.shape == (n, _JOINT_FIELDS) and bool(np.isfinite(arr).all())
+              and bool((np.abs(arr[:, :3]) <= MAX_ABS).all()))
     except ValueError:  # includes pandas' ParserError / EmptyDataError
         ok = False
     if not ok:  # slow path: find the exact line (or accept odd but valid whitespace)
@@ -339,6 +345,9 @@ def _parse_joint_lines_slow(lines: list[bytes], starts: list[int], path: str) ->
                                     f"{_JOINT_FIELDS} numbers") from None
             if not all(math.isfinite(v) for v in row):
                 raise BadInputError(path, i + 1, f"non-finite value in joint line {lines[i].strip()[:60]!r}", "finite numbers")
+            far = next((v for v in row[:3] if abs(v) > MAX_ABS), None)
+            if far is not None:  # refused here: as float32 it would be stored as is, or overflow
+                raise BadInputError(path, i + 1, f"joint coordinate {far:g}", bound_text(UNITS, hint=False))
             out[k] = row
             k += 1
     return out

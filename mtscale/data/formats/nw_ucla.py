@@ -19,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mtscale.data.formats import Listing, RawSample
+from mtscale.data.formats import MAX_ABS_COORD, Listing, RawSample, bound_text
 from mtscale.errors import BadInputError
 
 LAYOUT = "kinect_v1_20"
+UNITS = "m"
+NUM_COORDS = 3
 NUM_JOINTS = 20
 ACTION_TO_LABEL = {1: 0, 2: 1, 3: 2, 4: 3, 5: 4, 6: 5, 8: 6, 9: 7, 11: 8, 12: 9}
 CLASS_NAMES = [
@@ -81,9 +83,10 @@ def read_unit(unit: str) -> Iterator[RawSample]:
 
 
 def _to_array(sk: object, unit: str) -> np.ndarray:
-    """[T][20][3] -> (T, 20, 3) float32, naming the first bad frame / joint on failure."""
+    """[T][20][3] -> (T, 20, 3) float32, naming the first bad frame / joint on failure (also a
+    value beyond ``MAX_ABS_COORD["m"]``, checked before the cast: refused, not warned about)."""
     try:
-        x = np.asarray(sk, dtype=np.float32)
+        x = np.asarray(sk, dtype=np.float64)
         ok = x.ndim == 3 and x.shape[1:] == (NUM_JOINTS, 3)
     except (ValueError, TypeError):
         ok = False
@@ -106,4 +109,9 @@ def _to_array(sk: object, unit: str) -> np.ndarray:
     if bad.any():
         t, j, _ = np.argwhere(bad)[0]
         raise BadInputError(unit, None, f"skeletons[{t}][{j}] is not finite", "finite coordinates")
-    return x
+    far = np.abs(x) > MAX_ABS_COORD[UNITS]
+    if far.any():
+        t, j, c = np.argwhere(far)[0]
+        raise BadInputError(unit, None, f"skeletons[{t}][{j}] has coordinate {x[t, j, c]:g}",
+                            bound_text(UNITS, hint=False))
+    return x.astype(np.float32)

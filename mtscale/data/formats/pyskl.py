@@ -12,7 +12,8 @@ Split names become fields: ``xsub_train`` / ``xsub_val`` -> ``split_xsub`` = ``t
 ``val`` (suffixes ``_train``, ``_test``, ``_val``); plain ``train`` / ``test`` / ``val`` ->
 ``split_default``; any other name ``n`` -> ``split_n`` = ``train`` for members. V decides the
 layout (25 -> ``ntu25``, 20 -> ``kinect_v1_20``; COCO-17 2-D keypoints have no layout yet).
-Units are (path, start, stop) ranges of annotations.
+Units are (path, start, stop) ranges of annotations. A bad annotation is reported with its
+index and skipped; the others of its range are kept.
 """
 
 from __future__ import annotations
@@ -124,34 +125,59 @@ def list_units(input_path: str, layout: str | None = None) -> Listing:
     return Listing(units=[(path, s, min(s + UNIT_SIZE, n), layout) for s in range(0, n, UNIT_SIZE)])
 
 
-def read_unit(unit: tuple) -> Iterator[RawSample]:
+def unit_records(unit: tuple) -> int:
+    return unit[2] - unit[1]
+
+
+def unit_bytes(unit: tuple) -> int:
+    """The unit's share of the pickle's size (by annotations)."""
+    path, start, stop, _ = unit
+    try:
+        return Path(path).stat().st_size * (stop - start) // max(1, len(_load(path)[0]))
+    except OSError:
+        return 0
+
+
+def read_unit(unit: tuple) -> Iterator[RawSample | BadInputError]:
+    """The annotations [start, stop) of the pickle; a bad one is yielded as ``BadInputError``
+    (with its index) and the next ones are still read."""
     path, start, stop, layout = unit
     anns, fields_by_dir = _load(path)
     columns = fields_by_dir["__columns__"]
     for i in range(start, stop):
-        a = anns[i]
-        where = f"annotations[{i}]"
-        if not isinstance(a, dict) or not {"frame_dir", "label", "keypoint"} <= set(a):
-            raise BadInputError(path, None, f"{where} lacks frame_dir/label/keypoint", "a PYSKL annotation dict")
-        kp = a["keypoint"]
-        if not isinstance(kp, np.ndarray) or kp.ndim != 4 or kp.dtype.kind not in "fiu":
-            raise BadInputError(path, None, f"{where}.keypoint is {getattr(kp, 'shape', type(kp).__name__)}",
-                                "a float array (M, T, V, C)")
-        V = kp.shape[2]
-        lay = layout or {lay.num_joints: name for name, lay in LAYOUTS.items()}.get(V)
-        if lay is None or LAYOUTS[lay].num_joints != V:
-            raise BadInputError(path, None, f"{where}.keypoint has {V} joints",
-                                f"a known layout ({', '.join(f'{n}: {lo.num_joints}' for n, lo in LAYOUTS.items())})")
-        x = kp.astype(np.float32)
-        if not np.isfinite(x).all():
-            raise BadInputError(path, None, f"{where}.keypoint has non-finite values", "finite coordinates")
-        fd = str(a["frame_dir"])
-        fields = dict(columns)
-        fields.update(fields_by_dir.get(fd, {}))
-        fields.update(num_frames_raw=int(a.get("total_frames", x.shape[1])), num_bodies_raw=int(x.shape[0]),
-                      source_file=Path(path).name)
         try:
-            label = int(a["label"])
-        except (TypeError, ValueError):
-            raise BadInputError(path, None, f"{where}.label is {a['label']!r}", "an integer class id") from None
-        yield RawSample(fd, x, label, lay, fields, source=f"{path}:{where}")
+            yield _record(path, i, anns[i], layout, columns, fields_by_dir)
+        except BadInputError as e:
+            e.index = i
+            yield e
+
+
+def _record(path: str, i: int, a: Any, layout: str | None, columns: dict, fields_by_dir: dict) -> RawSample:
+    where = f"annotations[{i}]"
+    if not isinstance(a, dict) or not {"frame_dir", "label", "keypoint"} <= set(a):
+        raise BadInputError(path, None, f"{where} lacks frame_dir/label/keypoint", "a PYSKL annotation dict")
+    kp = a["keypoint"]
+    if not isinstance(kp, np.ndarray) or kp.ndim != 4 or kp.dtype.kind not in "fiu":
+        raise BadInputError(path, None, f"{where}.keypoint is {getattr(kp, 'shape', type(kp).__name__)}",
+                            "a float array (M, T, V, C)")
+    V = kp.shape[2]
+    lay = layout or {lay.num_joints: name for name, lay in LAYOUTS.items()}.get(V)
+    if lay is None or LAYOUTS[lay].num_joints != V:
+        raise BadInputError(path, None, f"{where}.keypoint has {V} joints",
+                            f"a known layout ({', '.join(f'{n}: {lo.num_joints}' for n, lo in LAYOUTS.items())})")
+    if not np.isfinite(kp).all():
+        raise BadInputError(path, None, f"{where}.keypoint has non-finite values", "finite coordinates")
+    fd = str(a["frame_dir"])
+    fields = dict(columns)
+    fields.update(fields_by_dir.get(fd, {}))
+    try:
+        label = int(a["label"])
+    except (TypeError, ValueError):
+        raise BadInputError(path, None, f"{where}.label is {a['label']!r}", "an integer class id") from None
+    try:
+        num_frames = int(a.get("total_frames", kp.shape[1]))
+    except (TypeError, ValueError):
+        raise BadInputError(path, None, f"{where}.total_frames is {a['total_frames']!r}", "an integer") from None
+    fields.update(num_frames_raw=num_frames, num_bodies_raw=int(kp.shape[0]), source_file=Path(path).name)
+    # kept in its own dtype: preprocess checks the bound before casting
+    return RawSample(fd, kp, label, lay, fields, source=f"{path}:{where}", index=i)
