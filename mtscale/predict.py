@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from mtscale.train.prediction import format_table, predict_files
 
     rows = predict_files(a.checkpoint, a.files, fmt=a.format, topk=a.topk, device=a.device)
-    print(json.dumps(rows, indent=2) if a.json else format_table(rows))
+    print(json.dumps(rows, indent=2, allow_nan=False) if a.json else format_table(rows))  # valid JSON or an error
     return 0
 
 

@@ -88,6 +88,9 @@ def predict_files(checkpoint: str, files: list[str], *, fmt: str | None = None, 
         x_TMVC = preprocess(sample, options)
         x, mask = eval_clip(x_TMVC, data, int(meta["num_bodies"]))
         probs = F.softmax(model(x.to(device), mask.to(device)).float(), dim=1)[0].cpu()
+        if not bool(torch.isfinite(probs).all()):  # e.g. a checkpoint with non-finite weights
+            raise BadInputError(str(checkpoint), None, f"non-finite class scores for {f}",
+                                "a classifier with finite weights (mtscale verify the store; re-train)")
         p, k = probs.topk(min(topk, probs.numel()))
         top = [{"label_id": int(i), "class_name": names[int(i)], "probability": float(q)} for q, i in zip(p, k)]
         row = {"file": f, "sample_id": sample.sample_id, **top[0], "topk": top}

@@ -75,6 +75,23 @@ def _mean_over_ranks(total: Tensor | float, count: float, device: torch.device) 
     return float(t[0] / t[1].clamp_min(1))
 
 
+def _check_finite(losses: list[Tensor], ids: list[Tensor], epoch: int, first_micro: int) -> None:
+    """Raise NonFiniteLossError naming the epoch's first micro-batch with a non-finite loss and its
+    samples (one host sync per epoch; before, fine-tuning logged NaN every epoch and exited 0)."""
+    if not losses:
+        return
+    bad = (~torch.isfinite(torch.stack(losses).float())).nonzero()
+    if bad.numel():
+        from mtscale.errors import NonFiniteLossError
+
+        k = int(bad[0])
+        rows = ids[k].reshape(-1).cpu().tolist()
+        raise NonFiniteLossError(f"epoch {epoch}, micro-batch {first_micro + k}: loss is {float(losses[k])}, expected "
+                                 f"a finite value; the batch held sample rows {rows[:16]}"
+                                 f"{' ...' if len(rows) > 16 else ''} (check the data with `mtscale verify`, or "
+                                 "lower train.lr)")
+
+
 def _val_metrics(logits_NK: np.ndarray, labels_N: np.ndarray) -> dict[str, float]:
     m = classification_metrics(logits_NK, labels_N, prefix="val_")
     m["val_loss"] = float(F.cross_entropy(torch.from_numpy(logits_NK).float(), torch.from_numpy(labels_N)))
@@ -136,6 +153,8 @@ class FullTrainer:
                    unit="step", leave=False, disable=not (cfg.run.progress and rt.world.is_main))
         show = not getattr(bar, "disable", True)
         check_every = 1 if not rt.distributed else 10  # a collective (+ host sync) when distributed
+        step_losses: list[Tensor] = []  # per micro-batch, on the device; checked once at the end
+        step_ids: list[Tensor] = []
         for i, batch in enumerate(self.loader, start=i0):
             if i >= n_micro:
                 break
@@ -156,6 +175,8 @@ class FullTrainer:
                     logits = self.ddp(x, mask)
                 loss = soft_cross_entropy(logits, target)
                 self.scaler.scale(loss / self.accum).backward()
+            step_losses.append(loss.detach())
+            step_ids.append(batch["index"])
             loss_sum += loss.detach().double() * y.shape[0]
             correct += (logits.detach().argmax(1) == y).sum().double()
             seen += y.shape[0]
@@ -178,6 +199,7 @@ class FullTrainer:
                         "loader": self.loader.state_dict(), "micro": i + 1, "loss_sum": float(loss_sum),
                         "correct": float(correct), "seen": seen, "lr": lr}}
         bar.close()
+        _check_finite(step_losses, step_ids, epoch, i0)
         return {"train_loss": _mean_over_ranks(loss_sum, seen, rt.device),
                 "train_top1": 100.0 * _mean_over_ranks(correct, seen, rt.device), "lr": lr, "step": self.step}
 

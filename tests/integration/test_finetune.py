@@ -350,3 +350,17 @@ def test_cli_finetune_seeds_and_evaluate(store, encoder_file, tmp_path):
     assert Path(ev["confusion_png"]).is_file() and Path(ev["confusion_csv"]).is_file()
     r = _cli("finetune", "--config", str(CONFIG), "--set", f"data.store={store}", "--set", "protocol=semi")
     assert r.returncode == 2 and "label_fraction" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_non_finite_fine_tuning_loss_stops_the_run(store, tmp_path):
+    """Issue 29, item 2: fine-tuning used to log a NaN train loss every epoch and exit 0 at chance.
+    Now the epoch's first non-finite loss stops it with one line naming the micro-batch and samples,
+    before a checkpoint of the poisoned weights is written."""
+    from mtscale.errors import NonFiniteLossError
+
+    run_dir = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match=r"epoch 0, micro-batch \d+: loss is nan.*sample rows \["):
+        run_finetune(_cfg(store, run_dir, "protocol=scratch", "train.lr=1e30", "train.grad_clip=0",
+                          "warmup_epochs=0"))
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+    assert not (run_dir / "final").exists()
