@@ -85,6 +85,21 @@ def _cmd_merge(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ensemble(a: argparse.Namespace) -> int:
+    from mtscale.train.ensemble import run_ensemble
+
+    res = run_ensemble(a.runs, split=a.split, weights=a.weights, out_dir=a.out)
+    if a.json:
+        print(json.dumps(res, indent=2))
+    else:
+        w = ", ".join(f"{s} {x:.2f}" for s, x in zip(res["streams"], res["weights"]))
+        val = f"  (val top-1 {res['val_top1']:.2f}%)" if "val_top1" in res else ""
+        print(f"top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  mean class {res['mean_class_acc']:.2f}%  "
+              f"on {res['num_samples']} {a.split} samples; weights {w} ({res['weights_rule']}){val}")
+        print(f"confusion matrix: {res['confusion_csv']}, {res['confusion_png']}")
+    return 0
+
+
 # Verbs whose module has its own parser (they also run as ``python -m`` / ``deepspeed``):
 # ``mtscale VERB ARGS...`` calls ``module.main(ARGS)``.
 FORWARDED = {
@@ -150,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_merge)
+
+    s = sub.add_parser("ensemble", help="add the per-sample softmax scores of several runs (e.g. one per stream)",
+                       description="Adds the softmax probabilities of RUN_OR_SCORES (fine-tuning run dirs, classifier "
+                                   "folders or scores_<part>.parquet files) with weights chosen on the validation "
+                                   "scores only (--weights auto) or given; see mtscale/train/ensemble.py.")
+    s.add_argument("runs", nargs="+", metavar="RUN_OR_SCORES")
+    s.add_argument("--split", "--part", dest="split", default="test",
+                   help="the scored part to combine: test (default) or val; weights come from the val scores")
+    s.add_argument("--weights", default="auto", help="auto (chosen on validation top-1) or w1,w2,... one per run")
+    s.add_argument("--out", default=None, help="output folder (default: ensemble_<split>)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_ensemble)
 
     for verb, (_, help_) in FORWARDED.items():
         sub.add_parser(verb, help=help_ + f" (mtscale {verb} --help)")

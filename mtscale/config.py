@@ -90,6 +90,13 @@ class DataConfig:
     """Per-clip coordinate normalisation, after augmentation, in training, evaluation and
     prediction alike: ``none``, or ``minmax`` (each coordinate axis of each clip mapped to
     [-1, 1] over its present joints and valid frames, as CTR-GCN's NW-UCLA feeder does)."""
+    stream: str = "joint"
+    """Input stream, computed on the training device after augmentation and ``normalize``, in
+    pre-training, fine-tuning, evaluation and prediction alike (see data/streams.py): ``joint``
+    (coordinates), ``bone`` (joint minus its parent in the layout's tree; the root's is 0),
+    ``joint_motion`` / ``bone_motion`` (x[t+1] - x[t]; 0 at the last valid frame and in padding),
+    or several joined by ``+`` (e.g. ``joint+bone``: concatenated on C, the encoder reads 3 x
+    streams channels). Recorded in the exported encoder and the classifier's meta.json."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
@@ -108,6 +115,9 @@ class DataConfig:
             raise ConfigError(f"data.short_clips: found {self.short_clips!r}, expected resample|pad")
         if self.normalize not in ("none", "minmax"):
             raise ConfigError(f"data.normalize: found {self.normalize!r}, expected none|minmax")
+        from mtscale.data.streams import parse_stream
+
+        parse_stream(self.stream, "data.stream")
         if self.num_workers < 0 or self.shuffle_buffer < 1:
             raise ConfigError(
                 f"data.num_workers/shuffle_buffer: found {self.num_workers}/{self.shuffle_buffer}, "
@@ -438,6 +448,10 @@ class FinetuneConfig:
     pretrained_partial: bool = False
     """Accept a pre-training run that has not finished (preempted or crashed: no exported
     encoder) and fine-tune its latest checkpoint; off, such a run is refused."""
+    allow_stream_mismatch: bool = False
+    """Fine-tune on ``data.stream`` although the pre-trained encoder was trained on another
+    stream with as many channels (e.g. a joint encoder on the bone stream): logged as a
+    warning; False: that is an error naming both streams."""
     encoder_blocks: int | None = None
     """Keep only the first N blocks of the pre-trained encoder (then its final norm): probe or
     fine-tune an intermediate layer's features. The classifier then has N blocks; None = all."""

@@ -4,8 +4,10 @@
     deepspeed --num_gpus 8 mtscale/evaluate.py --checkpoint ... --store ... --split xsub60   # same numbers
     torchrun --nproc_per_node 2 -m mtscale.evaluate ...
 
-Every sample of the split is counted exactly once whatever the number of ranks. Writes the
-confusion matrix (CSV + PNG) and metrics.json beside the checkpoint (or into --out).
+Every sample of the split is counted exactly once whatever the number of ranks. The input
+stream (joint, bone, ...) is the one recorded in the checkpoint. Writes the confusion matrix
+(CSV + PNG) and metrics.json beside the checkpoint (or into --out); ``--save-scores`` also the
+per-sample softmax scores (``scores_<part>.parquet``, what ``mtscale ensemble`` reads).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for confusion.csv / confusion.png / metrics.json")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--save-scores", action="store_true",
+                   help="also write per-sample softmax scores to scores_<part>.parquet in the output folder "
+                        "(sample id, label, one column per class, run, stream; for mtscale ensemble)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -43,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(world)
     res = evaluate_checkpoint(a.checkpoint, a.store, split=a.split, part=a.part, where=a.where, clips=a.clips,
                               batch_size=a.batch_size, out_dir=a.out, device=a.device, precision=a.precision,
-                              progress=not a.quiet)
+                              progress=not a.quiet, save_scores=a.save_scores)
     if world.is_main:
         if a.json:
             print(json.dumps(res, indent=2))
@@ -51,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  mean class {res['mean_class_acc']:.2f}%  "
                   f"on {res['num_samples']} samples ({res['num_ranks']} rank(s), {res['clips']} clip(s))")
             print(f"confusion matrix: {res['confusion_csv']}, {res['confusion_png']}")
+            if "scores" in res:
+                print(f"per-sample scores: {res['scores']}")
     return 0
 
 

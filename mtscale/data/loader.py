@@ -4,7 +4,8 @@
                           train=True, device=device)
     for epoch in range(num_epochs):
         for batch in loader:              # the rest of the current epoch, then epoch += 1
-            batch["x"]      # (N, T, M, V, C) float32 on `device`, augmented (train)
+            batch["x"]      # (N, T, M, V, C) float32 on `device`, augmented (train), in the
+                            # input stream of cfg.stream (C = 3 x streams; data/streams.py)
             batch["mask"]   # (N, T) bool, valid frames
             batch["all_valid"]  # Python bool: no padded frame in the batch (decided on the host)
             model_mask(batch)   # the mask to give a model: None when all_valid (no host sync later)
@@ -73,6 +74,7 @@ from mtscale.data.order import (
     uniform_hash,
     worker_batches,
 )
+from mtscale.data.streams import apply_stream
 from mtscale.data.subsets import label_fraction_subset
 from mtscale.errors import ConfigError
 from mtscale.runtime import tune_malloc
@@ -164,6 +166,7 @@ class ClipDataset(IterableDataset):
         self.exact = (not train) if exact is None else bool(exact)
         self.sel = select_samples(self._store, cfg, block_frames)
         self.store_bodies = int(self._store.num_bodies)
+        self.parents = tuple(self._store.layout.parents)  # the bone streams' tree
         if self.store_bodies < cfg.num_bodies:
             log.warning("data.num_bodies=%d but %s has %d bodies: padding with zero bodies",
                         cfg.num_bodies, self.url, self.store_bodies)
@@ -380,8 +383,10 @@ def default_mp_context() -> str:
 
 class StatefulLoader:
     """Iterates the rest of the current epoch of a :class:`ClipDataset` (then advances the
-    epoch), moves batches to ``device``, applies batched augmentations (training), and counts
-    what the consumer received, so ``state_dict`` / ``load_state_dict`` resume exactly."""
+    epoch), moves batches to ``device``, applies batched augmentations (training), the clip
+    normalisation and the input stream (``cfg.stream``), and counts what the consumer received,
+    so ``state_dict`` / ``load_state_dict`` resume exactly. This is the one place batches are
+    finalised: pre-training, fine-tuning, the linear probe and evaluation all read through it."""
 
     def __init__(
         self,
@@ -463,6 +468,7 @@ class StatefulLoader:
             if self.augment is not None:
                 batch["x"] = self.augment(batch["x"], seed=step_seed(ds.seed, self.epoch, ds.rank, pos))
             batch["x"] = normalize_clips(batch["x"], batch["mask"], ds.cfg.normalize)  # "none": as is
+            batch["x"] = apply_stream(batch["x"], batch["mask"], ds.parents, ds.cfg.stream)  # "joint": as is
             yield batch
         self.epoch, self.consumed = self.epoch + 1, 0
 

@@ -267,15 +267,19 @@ def save_encoder(state: dict[str, torch.Tensor], meta: dict[str, Any], out_path:
 
 
 def encoder_meta(cfg_dict: dict[str, Any], *, num_joints: int, layout: str | None, step: int) -> dict[str, Any]:
-    """What ``load_encoder`` needs to rebuild the encoder: model section + clip geometry."""
+    """What ``load_encoder`` needs to rebuild the encoder: model section + clip geometry, and
+    the input stream it was trained on (``data.stream``; fine-tuning checks it, and the encoder
+    reads 3 x streams channels). A file without ``stream`` predates streams: ``joint``."""
     from mtscale import __version__
+    from mtscale.data.streams import stream_channels
 
     data = cfg_dict.get("data", {})
+    stream = str(data.get("stream", "joint"))
     return {
         "format": "mtscale-encoder/1", "mtscale_version": __version__, "model": cfg_dict["model"],
         "clip_frames": int(data.get("clip_frames", 120)), "num_bodies": int(data.get("num_bodies", 2)),
-        "num_joints": int(num_joints), "in_chans": 3, "layout": layout, "step": int(step),
-        "objective": cfg_dict.get("objective"),
+        "num_joints": int(num_joints), "in_chans": stream_channels(stream), "stream": stream, "layout": layout,
+        "step": int(step), "objective": cfg_dict.get("objective"),
     }
 
 

@@ -6,8 +6,9 @@ A classifier checkpoint is a folder::
     model.safetensors   fp32 state dict of ``ClassifierHead`` (``encoder.*``, ``fc_norm.*``, ``head.*``;
                         ``fc_norm`` holds the hidden layer + BatchNorm with ``pool = "joint"``)
     meta.json           everything evaluate / predict need: model section, clip geometry
-                        (clip_frames, num_bodies, num_joints, layout), class names, the
-                        store's preprocessing, the data section (crops), protocol, epoch, metrics
+                        (clip_frames, num_bodies, num_joints, layout, in_chans), the input
+                        ``stream`` (also in the data section), class names, the store's
+                        preprocessing, the data section (crops), protocol, epoch, metrics
 
 A linear probe (``head = "linear"``) has no ``fc_norm``: the feature standardisation it was
 trained with is folded into ``head.weight`` / ``head.bias``, so it runs on raw features.
@@ -96,7 +97,7 @@ def _run_status(p: Path) -> dict[str, Any]:
     return {}
 
 
-def build_encoder(cfg: FinetuneConfig, *, num_joints: int, in_chans: int = 3,
+def build_encoder(cfg: FinetuneConfig, *, num_joints: int, in_chans: int | None = None,
                   parents: tuple[int, ...] | None = None) -> tuple[MotionTransformer, dict[str, Any], str | None]:
     """The encoder this run trains, its resolved model section (dict) and the pre-trained
     source (None from scratch).
@@ -104,7 +105,13 @@ def build_encoder(cfg: FinetuneConfig, *, num_joints: int, in_chans: int = 3,
     With a pre-trained encoder the architecture is the file's (``cfg.model`` may differ only
     in runtime fields: drop_path, attn_backend, ..., or add a branch the file lacks:
     ``ADDABLE_FIELDS``), and the clip geometry must match the data section (position
-    embeddings are per frame patch). ``parents``: the layout's tree (``joint_mix: adjacency``)."""
+    embeddings are per frame patch), and the input stream must be the file's (``check_stream``).
+    ``in_chans``: None = 3 x the streams of ``data.stream``. ``parents``: the layout's tree
+    (``joint_mix: adjacency``)."""
+    if in_chans is None:
+        from mtscale.data.streams import stream_channels
+
+        in_chans = stream_channels(cfg.data.stream)
     if not cfg.needs_pretrained:
         enc = MotionTransformer.from_config(cfg.model, clip_frames=cfg.data.clip_frames,
                                             num_bodies=cfg.data.num_bodies, num_joints=num_joints, in_chans=in_chans,
@@ -119,6 +126,7 @@ def build_encoder(cfg: FinetuneConfig, *, num_joints: int, in_chans: int = 3,
         if int(meta[name]) != int(want):
             raise ConfigError(f"data.{name}: found {want}, but the pre-trained encoder {cfg.pretrained} was "
                               f"trained with {name}={meta[name]}; expected the same")
+    check_stream(cfg, meta)
     model_dict = dict(meta["model"])
     for k in RUNTIME_FIELDS:
         if hasattr(cfg.model, k):
@@ -147,6 +155,28 @@ def build_encoder(cfg: FinetuneConfig, *, num_joints: int, in_chans: int = 3,
         truncate_blocks(enc, cfg.encoder_blocks)
         resolved["depth"] = enc.depth
     return enc, resolved, str(cfg.pretrained)
+
+
+def check_stream(cfg: FinetuneConfig, meta: dict[str, Any]) -> None:
+    """The fine-tuning stream (``data.stream``) against the pre-trained encoder's (its meta;
+    ``joint`` for files that predate streams): equal, or ``allow_stream_mismatch`` with as many
+    channels (logged), else a ConfigError naming both."""
+    from mtscale.data.streams import stream_channels
+
+    have, want = str(meta.get("stream", "joint")), cfg.data.stream
+    if have == want:
+        return
+    c_have, c_want = int(meta.get("in_chans", stream_channels(have))), stream_channels(want)
+    if cfg.allow_stream_mismatch and c_have == c_want:
+        log.warning("data.stream=%s over the pre-trained encoder %s, which was trained on stream %s "
+                    "(allow_stream_mismatch=true)", want, cfg.pretrained, have)
+        return
+    if c_have != c_want:
+        raise ConfigError(f"data.stream: found {want!r} ({c_want} channels), but the pre-trained encoder "
+                          f"{cfg.pretrained} was trained on stream {have!r} ({c_have} channels); expected "
+                          f"--set data.stream={have}")
+    raise ConfigError(f"data.stream: found {want!r}, but the pre-trained encoder {cfg.pretrained} was trained on "
+                      f"stream {have!r}; expected --set data.stream={have} (or allow_stream_mismatch=true)")
 
 
 def load_encoder_state(enc: MotionTransformer, state: dict[str, torch.Tensor], where: str,
@@ -256,15 +286,26 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
 
     d = resolve_checkpoint(path)
     meta = read_meta(d)
+    from mtscale.data.streams import stream_channels
+
     model_cfg = from_dict(ModelConfig, {k: v for k, v in meta["model"].items()}, "model")
+    stream, in_chans = meta_stream(meta), int(meta.get("in_chans", 3))
+    if stream_channels(stream) != in_chans:
+        raise BadInputError(str(d / META), None, f"stream {stream!r} with in_chans={in_chans}",
+                            f"in_chans={stream_channels(stream)} (3 per stream)")
     enc = MotionTransformer.from_config(model_cfg, clip_frames=meta["clip_frames"], num_bodies=meta["num_bodies"],
-                                        num_joints=meta["num_joints"], in_chans=meta.get("in_chans", 3))
+                                        num_joints=meta["num_joints"], in_chans=in_chans)
     model = build_classifier(enc, int(meta["num_classes"]), head=meta.get("head", "layernorm"),
                              pool=meta.get("pool", "mean"), hidden=int(meta.get("head_hidden", 2048)))
     state = load_file(str(d / WEIGHTS))
     check_keys(model, state, str(d / WEIGHTS))
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), meta
+
+
+def meta_stream(meta: dict[str, Any]) -> str:
+    """The input stream a classifier was trained on (``joint`` for checkpoints that predate streams)."""
+    return str(meta.get("stream") or (meta.get("data") or {}).get("stream") or "joint")
 
 
 def check_keys(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:

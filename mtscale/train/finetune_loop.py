@@ -8,7 +8,9 @@ for linear), validate on the held-out rows (never the test part), write a checkp
 ``<run>/checkpoints/epoch_XXXX`` (classifier weights + meta.json + train_state.pt) and call
 ``on_epoch(epoch, metrics, checkpoint_dir)``. After the last epoch the classifier goes to
 ``<run>/final`` (and the best-on-validation epoch to ``<run>/best``), both are scored on the
-test part, and the run writes ``results.json`` + a markdown row in ``results.md``.
+validation rows and the test part (per-sample softmax scores in ``scores_val.parquet`` /
+``scores_test.parquet`` beside the weights: what ``mtscale ensemble`` combines), and the run
+writes ``results.json`` + a markdown row in ``results.md``.
 
 Runs in one process (no process group, no port: Ray Tune trials) or under a launcher
 (``deepspeed`` / ``torchrun`` / ``srun``: DistributedDataParallel over gloo or nccl). A run
@@ -44,6 +46,7 @@ from mtscale.train.metrics import (append_results_md, classification_metrics, co
                                    mean_std, results_row, save_confusion)
 from mtscale.train.loop import StopFlag
 from mtscale.train.rundir import FINETUNE_KEEP, check_resume, check_run_dir
+from mtscale.train.scores import sample_ids, scores_file, write_scores
 from mtscale.train.trainers import FullTrainer, LinearProbe
 
 log = logging.getLogger(__name__)
@@ -95,7 +98,7 @@ def _run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None, resume
     run_dir = check_run_dir(cfg.run.dir)
     if resume_from is None:
         check_resume(run_dir, to_dict(cfg), FINETUNE_KEEP)  # before anything is written
-    meta = _meta(cfg, store, model_dict, source, splits)
+    meta = _meta(cfg, store, model_dict, source, splits, in_chans=encoder.C)
     if rt.world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -204,13 +207,16 @@ def _warn_unused(cfg: FinetuneConfig) -> None:
         log.warning("mixup / model.drop_path / head_drop have no effect on a linear probe (frozen features)")
 
 
-def _meta(cfg: FinetuneConfig, store: Store, model_dict: dict, source: str | None, splits: Splits) -> dict[str, Any]:
-    """What evaluate / predict need, stored beside every classifier checkpoint."""
+def _meta(cfg: FinetuneConfig, store: Store, model_dict: dict, source: str | None, splits: Splits, *,
+          in_chans: int) -> dict[str, Any]:
+    """What evaluate / predict need, stored beside every classifier checkpoint (the input
+    ``stream`` too: evaluate / predict apply it without being told)."""
     from mtscale import __version__
 
     return {
         "model": model_dict, "clip_frames": cfg.data.clip_frames, "num_bodies": cfg.data.num_bodies,
-        "num_joints": store.layout.num_joints, "in_chans": 3, "layout": store.layout.name,
+        "num_joints": store.layout.num_joints, "in_chans": int(in_chans), "stream": cfg.data.stream,
+        "layout": store.layout.name,
         "num_classes": store.num_classes, "class_names": store.class_names,
         "head": "linear" if cfg.protocol == "linear" else "layernorm", "pool": cfg.pool,
         "head_hidden": cfg.head_hidden,
@@ -321,7 +327,9 @@ def _copy_dir(src: Path, dst: Path, drop: tuple[str, ...] = ()) -> None:
 
 def _finish(cfg: FinetuneConfig, model: torch.nn.Module, trainer: Any, store: Store, splits: Splits, rt: Runtime,
             run_dir: Path, last_ckpt: Path | None, best: dict, last: dict) -> dict[str, Any]:
-    """Publish ``final`` (and ``best``), score the test part with both, write confusion matrices."""
+    """Publish ``final`` (and ``best``), score the validation rows and the test part with both
+    (``eval_clips`` clips), write confusion matrices and the per-sample scores
+    (``scores_val.parquet``, ``scores_test.parquet``: what ``mtscale ensemble`` reads)."""
     if last_ckpt is None:
         raise ConfigError(f"epochs: nothing was trained and {run_dir} has no checkpoint to finish from")
     if rt.world.is_main:
@@ -333,31 +341,55 @@ def _finish(cfg: FinetuneConfig, model: torch.nn.Module, trainer: Any, store: St
     for k in ("val_top1", "val_loss", "train_loss"):
         if k in last:
             result[k] = last[k]
-    if splits.test is None:
+    parts = [(role, rows) for role, rows in (("val", splits.val), ("test", splits.test))
+             if rows is not None and rows.size]
+    if not parts:
         return result
     bs = cfg.eval_batch_size or 2 * trainer.micro_batch_size
-    labels = np.asarray(store.labels)[np.sort(splits.test)]
     variants = [("", None)]
     if cfg.keep_best and (run_dir / "best").is_dir() and best["epoch"] != last.get("epoch", best["epoch"]):
         variants.append(("_best", run_dir / "best" / WEIGHTS))
     for suffix, weights in variants:
         if weights is not None:
             unwrap(model).load_state_dict(load_file(str(weights)), strict=True)
-        probs = score_rows(classifier_forward(unwrap(model), probs=True), store, cfg.data, splits.test, rt,
-                           batch_size=bs, clips=cfg.eval_clips, seed=cfg.train.seed, progress=cfg.run.progress,
-                           desc="test")
-        m = classification_metrics(probs, labels, prefix="test_")
-        result.update({k + suffix: v for k, v in m.items()})
-        if rt.world.is_main:
-            folder = run_dir / ("best" if suffix else "final")
-            cm = confusion_matrix(labels, probs.argmax(1), probs.shape[1])
-            save_confusion(cm, store.class_names, folder / "test_confusion.csv", folder / "test_confusion.png",
-                           title=f"{cfg.protocol}: test top-1 {m['test_top1']:.2f}%")
+        folder = run_dir / ("best" if suffix else "final")
+        for role, rows in parts:
+            rows = np.sort(rows)
+            labels = np.asarray(store.labels)[rows]
+            probs = score_rows(classifier_forward(unwrap(model), probs=True), store, cfg.data, rows, rt,
+                               batch_size=bs, clips=cfg.eval_clips, seed=cfg.train.seed, progress=cfg.run.progress,
+                               desc=role)
+            if rt.world.is_main:
+                _write_scores(cfg, store, run_dir, folder, role, rows, labels, probs)
+            if role != "test":
+                continue
+            m = classification_metrics(probs, labels, prefix="test_")
+            result.update({k + suffix: v for k, v in m.items()})
+            if rt.world.is_main:
+                cm = confusion_matrix(labels, probs.argmax(1), probs.shape[1])
+                save_confusion(cm, store.class_names, folder / "test_confusion.csv", folder / "test_confusion.png",
+                               title=f"{cfg.protocol}: test top-1 {m['test_top1']:.2f}%")
+    if splits.test is None:
+        return result
     if "test_top1_best" not in result and "test_top1" in result:
         result["test_top1_best"] = result["test_top1"]  # the last epoch was the best on val
     log.info("test top-1 %.2f%% (last epoch), %.2f%% (best val epoch %d)", result["test_top1"],
              result["test_top1_best"], best["epoch"])
     return result
+
+
+def _write_scores(cfg: FinetuneConfig, store: Store, run_dir: Path, folder: Path, role: str, rows: np.ndarray,
+                  labels: np.ndarray, probs: np.ndarray) -> None:
+    """``<folder>/scores_<role>.parquet`` (see ``mtscale.train.scores``); the metadata says how the
+    validation rows were chosen, so an ensemble can tell runs that validated on other samples."""
+    d = cfg.data
+    write_scores(scores_file(folder, role), sample_ids=sample_ids(store, rows), rows=rows, labels=labels,
+                 scores_NK=probs, run=str(run_dir), stream=d.stream, part=role, checkpoint=str(folder),
+                 class_names=store.class_names, store=d.store, split=d.split,
+                 split_part=cfg.test_part if role == "test" else (cfg.val_part or d.part), clips=cfg.eval_clips,
+                 label_fraction=d.label_fraction, seed=cfg.train.seed, protocol=cfg.protocol,
+                 validation={"val_part": cfg.val_part, "val_fraction": cfg.val_fraction, "val_group": cfg.val_group,
+                             "subset_seed": d.subset_seed, "where": d.where})
 
 
 class _MetricsLog:

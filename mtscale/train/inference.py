@@ -144,20 +144,22 @@ def classifier_forward(model: torch.nn.Module, probs: bool) -> Callable[[torch.T
 def evaluate_checkpoint(checkpoint: str, store_url: str, *, split: str | None, part: str | None = "test",
                         where: str | None = None, clips: int = 1, batch_size: int = 64, out_dir: str | None = None,
                         device: str = "auto", precision: str = "auto", seed: int = 0,
-                        progress: bool = True) -> dict[str, Any]:
-    """Exact evaluation of a classifier checkpoint on ``store_url`` (split / part / where).
+                        progress: bool = True, save_scores: bool = False) -> dict[str, Any]:
+    """Exact evaluation of a classifier checkpoint on ``store_url`` (split / part / where), in
+    the input stream recorded in its meta.json.
 
     Every selected sample is scored exactly once across ranks (gathered by row; a duplicate or
     missing row is an error). Returns top1, top5, mean_class_acc, num_samples, per_class
     ({class name: accuracy}), and the paths of the confusion matrix CSV / PNG written by rank 0
-    into ``out_dir`` (default ``<checkpoint>/eval_<split>_<part>``)."""
+    into ``out_dir`` (default ``<checkpoint>/eval_<split>_<part>``); with ``save_scores`` also
+    the per-sample softmax scores, ``scores_<part>.parquet`` there (``mtscale.train.scores``)."""
     import dataclasses
     from pathlib import Path
 
     from mtscale.config import DataConfig, from_dict
     from mtscale.data.store import Store
     from mtscale.errors import ConfigError
-    from mtscale.train.classifier import load_classifier, resolve_checkpoint
+    from mtscale.train.classifier import load_classifier, meta_stream, resolve_checkpoint
     from mtscale.train.metrics import classification_metrics, confusion_matrix, save_confusion
 
     if clips < 1:
@@ -179,17 +181,28 @@ def evaluate_checkpoint(checkpoint: str, store_url: str, *, split: str | None, p
     if labels.max() >= K:
         raise ConfigError(f"--store: {store_url} has label {int(labels.max())}, expected < {K} (the checkpoint's classes)")
     data = from_dict(DataConfig, meta["data"], "data")
-    data = dataclasses.replace(data, store=store_url, num_workers=min(data.num_workers, 2))
+    data = dataclasses.replace(data, store=store_url, num_workers=min(data.num_workers, 2), stream=meta_stream(meta))
     probs = score_rows(classifier_forward(model, probs=True), store, data, rows, rt, batch_size=batch_size,
                        clips=clips, seed=seed, progress=progress, desc="evaluate")
     m = classification_metrics(probs, labels, with_per_class=True)
     names = meta.get("class_names") or [str(i) for i in range(K)]
     out = {"top1": m["top1"], "top5": m["top5"], "mean_class_acc": m["mean_class_acc"],
            "num_samples": m["num_samples"], "num_ranks": rt.world.world_size, "clips": clips,
-           "checkpoint": str(ckpt_dir), "store": store_url, "split": split, "part": part,
+           "checkpoint": str(ckpt_dir), "store": store_url, "split": split, "part": part, "stream": data.stream,
            "per_class": {names[k]: v for k, v in enumerate(m["per_class"]) if v is not None}}
     folder = Path(out_dir) if out_dir else ckpt_dir / f"eval_{split or 'all'}_{part or 'all'}"
     out["confusion_csv"], out["confusion_png"] = str(folder / "confusion.csv"), str(folder / "confusion.png")
+    if save_scores:
+        from mtscale.train.scores import sample_ids, scores_file, write_scores
+
+        scored = part if split else "all"  # without a split every sample is scored
+        out["scores"] = str(scores_file(folder, scored))
+        if rt.world.is_main:
+            run = ckpt_dir.parent if ckpt_dir.name in ("final", "best") else ckpt_dir
+            write_scores(out["scores"], sample_ids=sample_ids(store, rows), rows=rows, labels=labels, scores_NK=probs,
+                         run=str(run), stream=data.stream, part=scored, checkpoint=str(ckpt_dir),
+                         class_names=names, store=store_url, split=split, split_part=part if split else None,
+                         where=where, clips=clips)
     if rt.world.is_main:
         cm = confusion_matrix(labels, probs.argmax(1), K)
         save_confusion(cm, names, folder / "confusion.csv", folder / "confusion.png",

@@ -8,7 +8,8 @@ labels (N,)), so the same code reports one rank, many ranks or many clips:
 - :func:`save_confusion` (CSV with class names + a PNG heat map);
 - :func:`mean_std` / :func:`format_mean_std` over seeds;
 - :func:`results_row` / :func:`append_results_md`: the markdown results table a run writes
-  (``results.md`` in the run dir) and the README copies.
+  (``results.md`` in the run dir) and the README copies; :func:`ensemble_row` the one of
+  ``mtscale ensemble``.
 """
 
 from __future__ import annotations
@@ -184,12 +185,25 @@ def results_row(*, protocol: str, store: str, split: str, label_fraction: float,
             f"| {wall_s / 60:.1f} min | {hardware} |")
 
 
-def append_results_md(path: str | Path, row: str) -> None:
-    """Append ``row`` to the markdown table at ``path`` (writing the header first if new)."""
+ENSEMBLE_HEADER = ("| ensemble of streams | weights | store | split | val top-1 | top-1 | top-5 | mean class "
+                   "| samples |\n"
+                   "|---|---|---|---|---:|---:|---:|---:|---:|")
+
+
+def ensemble_row(*, streams: Sequence[str], weights: Sequence[float], store: str, split: str, val_top1: float,
+                 top1: float, top5: float, mean_class_acc: float, num_samples: int) -> str:
+    """One markdown row of :data:`ENSEMBLE_HEADER` (``mtscale ensemble``)."""
+    val = "–" if val_top1 is None or math.isnan(val_top1) else f"{val_top1:.2f}"
+    return (f"| {' + '.join(streams)} | {', '.join(f'{w:.2f}' for w in weights)} | {Path(store).name} | {split} "
+            f"| {val} | {top1:.2f} | {top5:.2f} | {mean_class_acc:.2f} | {num_samples} |")
+
+
+def append_results_md(path: str | Path, row: str, header: str = RESULTS_HEADER) -> None:
+    """Append ``row`` to the markdown table at ``path`` (writing ``header`` first if new)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     new = not p.exists() or not p.read_text().strip()
     with p.open("a") as f:
         if new:
-            f.write(RESULTS_HEADER + "\n")
+            f.write(header + "\n")
         f.write(row + "\n")

@@ -1,8 +1,9 @@
 """Classify raw recordings with a fine-tuned checkpoint: reader -> the store's recorded
-preprocessing -> the evaluation clip (centre crop, resampled to T) -> model -> top-k.
+preprocessing -> the evaluation clip (centre crop, resampled to T, normalised, in the input
+stream) -> model -> top-k.
 
 The checkpoint's ``meta.json`` carries everything needed (layout, clip geometry, crops,
-preprocessing options, class names), so no store is needed at prediction time.
+preprocessing options, input stream, class names), so no store is needed at prediction time.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import torch.nn.functional as F
 from mtscale.config import DataConfig, from_dict
 from mtscale.data.clips import crop_windows, gather_clips, normalize_clips, resample_indices
 from mtscale.data.formats import RawSample, get_reader
+from mtscale.data.layouts import get_layout
 from mtscale.data.preprocess import PrepareOptions, preprocess
+from mtscale.data.streams import apply_stream
 from mtscale.errors import BadInputError, ConfigError
-from mtscale.train.classifier import load_classifier
+from mtscale.train.classifier import load_classifier, meta_stream
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +46,11 @@ def prepare_options(meta: dict[str, Any]) -> PrepareOptions:
     return PrepareOptions(**{k: v for k, v in rec.items() if k in names})
 
 
-def eval_clip(x_TMVC: np.ndarray, data: DataConfig, num_bodies: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The evaluation clip the loader would cut: (1, T, M, V, C) float32 and mask (1, T)."""
+def eval_clip(x_TMVC: np.ndarray, data: DataConfig, num_bodies: int,
+              parents: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The evaluation clip the loader would cut, normalised and in ``data.stream`` as the loader
+    gives it: (1, T, M, V, 3 x streams) float32 and mask (1, T). ``parents``: the layout's tree
+    (needed by the bone streams)."""
     T, M = x_TMVC.shape[:2]
     if M < num_bodies:  # pad absent bodies with zeros, as the loader does
         pad = np.zeros((T, num_bodies - M) + x_TMVC.shape[2:], dtype=x_TMVC.dtype)
@@ -55,7 +61,7 @@ def eval_clip(x_TMVC: np.ndarray, data: DataConfig, num_bodies: int) -> tuple[to
     i0, i1, w, mask = resample_indices(crop, data.clip_frames, pad_short=data.short_clips == "pad")
     x = gather_clips(x_TMVC, start, i0, i1, w, mask)  # (1, T', M, V, C)
     mask_t = torch.from_numpy(mask)
-    return normalize_clips(x, mask_t, data.normalize), mask_t
+    return apply_stream(normalize_clips(x, mask_t, data.normalize), mask_t, parents, data.stream), mask_t
 
 
 def iter_samples(files: list[str], fmt: str | None, meta: dict[str, Any]) -> Iterator[tuple[str, RawSample]]:
@@ -78,7 +84,8 @@ def predict_files(checkpoint: str, files: list[str], *, fmt: str | None = None, 
     """One row per recording: file, sample_id, label_id, class_name, probability, top-k list
     (label_id, class_name, probability), and true_label where the file name gives it."""
     model, meta = load_classifier(checkpoint, device)
-    data = from_dict(DataConfig, meta["data"], "data")
+    data = dataclasses.replace(from_dict(DataConfig, meta["data"], "data"), stream=meta_stream(meta))
+    parents = get_layout(meta["layout"]).parents
     options = prepare_options(meta)
     names = meta.get("class_names") or [str(i) for i in range(int(meta["num_classes"]))]
     rows = []
@@ -86,7 +93,7 @@ def predict_files(checkpoint: str, files: list[str], *, fmt: str | None = None, 
         if sample.layout != meta["layout"]:
             raise BadInputError(f, None, f"layout {sample.layout!r}", f"{meta['layout']!r} (the checkpoint's)")
         x_TMVC = preprocess(sample, options)
-        x, mask = eval_clip(x_TMVC, data, int(meta["num_bodies"]))
+        x, mask = eval_clip(x_TMVC, data, int(meta["num_bodies"]), parents)
         probs = F.softmax(model(x.to(device), mask.to(device)).float(), dim=1)[0].cpu()
         if not bool(torch.isfinite(probs).all()):  # e.g. a checkpoint with non-finite weights
             raise BadInputError(str(checkpoint), None, f"non-finite class scores for {f}",

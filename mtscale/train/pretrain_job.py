@@ -54,6 +54,7 @@ def run_pretrain(cfg: PretrainConfig, world: World | None = None) -> int:
 def _run(cfg: PretrainConfig, world: World, device: torch.device, backend: str, stop: StopFlag) -> int:
     from mtscale.data.loader import build_loader, model_mask
     from mtscale.data.store import Store
+    from mtscale.data.streams import stream_channels
     from mtscale.models.flops import peak_flops
     from mtscale.models.objectives import build_pretrain_model
 
@@ -79,7 +80,7 @@ def _run(cfg: PretrainConfig, world: World, device: torch.device, backend: str, 
     engine, model = build_engine(
         lambda: build_pretrain_model(cfg.model, cfg.objective, clip_frames=cfg.data.clip_frames,
                                      num_bodies=cfg.data.num_bodies, num_joints=num_joints,
-                                     parents=store.layout.parents),
+                                     in_chans=stream_channels(cfg.data.stream), parents=store.layout.parents),
         tr, ds_config)
     if cfg.model.compile and device.type == "cuda":  # in place (engine.compile): state-dict keys stay un-prefixed
         engine.compile()

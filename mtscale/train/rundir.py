@@ -8,9 +8,9 @@ exported weights). Two rules keep a run's folder truthful, checked before anythi
   ``--set run.dir=`` used to write the run into the current directory, overwriting a
   ``config.yaml`` and ``metrics.jsonl`` that were there.
 * a run that resumes keeps the fields that decide what its checkpoints contain (the model,
-  the objective, the clip geometry, the protocol): resuming with another ``model.size`` used to
-  rewrite ``config.yaml`` first and then die on a shape mismatch, leaving a folder that
-  described the wrong model.
+  the objective, the clip geometry, the input stream, the protocol): resuming with another
+  ``model.size`` used to rewrite ``config.yaml`` first and then die on a shape mismatch,
+  leaving a folder that described the wrong model.
 
 Exit codes of the training entry points (``mtscale pretrain`` / ``finetune``): 0 finished,
 2 a user-facing error (one line), ``EXIT_PREEMPTED`` stopped by SIGTERM / SIGUSR1 after a
@@ -31,14 +31,14 @@ EXIT_PREEMPTED = 75
 
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "status.json", "results.json", "ds_config.json")
 
-PRETRAIN_KEEP = ("model", "objective", "data.clip_frames", "data.num_bodies", "train.seed", "train.batch_size",
-                 "train.zero_stage")
+PRETRAIN_KEEP = ("model", "objective", "data.clip_frames", "data.num_bodies", "data.stream", "train.seed",
+                 "train.batch_size", "train.zero_stage")
 """Pre-training fields a resume must keep: they decide the checkpoint's tensors, the loader
 order it restores, or how DeepSpeed partitioned them (``model.compile``, ``attn_backend`` and
 ``checkpoint_activations`` may change: they do not change any tensor)."""
 
-FINETUNE_KEEP = ("protocol", "pretrained", "model", "data.clip_frames", "data.num_bodies", "data.split", "pool",
-                 "head_hidden", "train.seed", "train.batch_size", "epochs")
+FINETUNE_KEEP = ("protocol", "pretrained", "model", "data.clip_frames", "data.num_bodies", "data.stream",
+                 "data.split", "pool", "head_hidden", "train.seed", "train.batch_size", "epochs")
 """Fine-tuning fields a resume must keep (the classifier's shape, its data, its schedule)."""
 
 RUNTIME_MODEL_FIELDS = ("compile", "attn_backend", "checkpoint_activations", "drop_path")
