@@ -45,8 +45,17 @@ class AugmentConfig:
     """Probability of swapping body order in a sample."""
     time_mask_frames: int = 0
     """Length of one random block of frames zeroed per sample (0 = off)."""
+    drop_joint_p: float = 0.0
+    """Probability that each joint of a sample is zeroed for the whole clip (SkateFormer's
+    joint dropping; 0 = off)."""
+    drop_axis_p: float = 0.0
+    """Probability that a sample loses one coordinate axis (x, y or z drawn uniformly), zeroed in
+    every frame (SkateFormer's axis dropping; 0 = off)."""
 
     def __post_init__(self) -> None:
+        for name in ("drop_joint_p", "drop_axis_p"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"data.augment.{name}: found {getattr(self, name)}, expected in [0, 1)")
         if not self.rotate_axes or set(self.rotate_axes) - set("xyz") or len(set(self.rotate_axes)) != len(self.rotate_axes):
             raise ConfigError(
                 f"data.augment.rotate_axes: found {self.rotate_axes!r}, expected distinct letters of 'xyz'"

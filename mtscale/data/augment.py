@@ -49,6 +49,7 @@ def rotation_matrices(angles_N3: torch.Tensor) -> torch.Tensor:
 def is_active(cfg: AugmentConfig) -> bool:
     return bool(
         cfg.rotate_deg or cfg.scale or cfg.shear or cfg.jitter_std or cfg.body_swap_p or cfg.time_mask_frames
+        or cfg.drop_joint_p or cfg.drop_axis_p
     )
 
 
@@ -100,7 +101,8 @@ class BatchAugment:
         return a, src
 
     def finish(self, out: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """The draws after ``draw_map``, applied to the mapped batch: jitter, then time mask."""
+        """The draws after ``draw_map``, applied to the mapped batch: jitter, time mask, joint
+        drop, axis drop (each drawn only when on, so turning one on leaves the others' draws)."""
         cfg = self.cfg
         n, t = out.shape[:2]
         dev = out.device
@@ -115,6 +117,16 @@ class BatchAugment:
             tt = torch.arange(t, device=dev)
             hide = (tt[None] >= start[:, None]) & (tt[None] < start[:, None] + k)  # (N, T)
             out = out.masked_fill(hide[:, :, None, None, None], 0.0)
+        v, c = out.shape[3], out.shape[4]
+        if cfg.drop_joint_p:  # (N, V): the joint is zeroed in every frame and body of the sample
+            drop = (torch.rand(n, v, generator=gen) < cfg.drop_joint_p).to(dev)
+            out = out.masked_fill(drop[:, None, None, :, None], 0.0)
+        if cfg.drop_axis_p:  # (N,) which samples lose an axis, (N,) which one
+            hit = torch.rand(n, generator=gen) < cfg.drop_axis_p
+            axis = torch.randint(0, c, (n,), generator=gen)
+            keep = torch.ones(n, c)
+            keep[hit, axis[hit]] = 0.0
+            out = out * keep.to(device=dev, dtype=out.dtype)[:, None, None, None, :]
         return out
 
     @torch.no_grad()

@@ -150,3 +150,26 @@ def test_fused_cpu_kernel_equals_the_torch_ops(monkeypatch, bodies):
         a = BatchAugment(swap_only)(x, seed=2)
         monkeypatch.setattr(A, "_affine_cpu", lambda: None)
         torch.testing.assert_close(a, BatchAugment(swap_only)(x, seed=2), rtol=0, atol=1e-6)
+
+
+def test_drop_joint_and_drop_axis():
+    """Issue 26 recipe options: whole joints (every frame and body) and whole axes are zeroed,
+    at about the configured rates, deterministically per seed; the rest is untouched."""
+    from mtscale.config import AugmentConfig
+    from mtscale.data.augment import BatchAugment
+
+    x = torch.randn(400, 6, 2, 20, 3, generator=torch.Generator().manual_seed(0))
+    y = BatchAugment(AugmentConfig(drop_joint_p=0.25))(x, seed=7)
+    zero_j = (y == 0).all(dim=(1, 2, 4))  # (N, V)
+    assert 0.2 < zero_j.float().mean() < 0.3
+    kept = ~zero_j[:, None, None, :, None].expand_as(x)
+    assert torch.equal(y[kept], x[kept])  # nothing else changed
+    assert torch.equal(y, BatchAugment(AugmentConfig(drop_joint_p=0.25))(x, seed=7))
+    z = BatchAugment(AugmentConfig(drop_axis_p=0.5))(x, seed=7)
+    zero_c = (z == 0).all(dim=(1, 2, 3))  # (N, C)
+    assert (zero_c.sum(1) <= 1).all() and 0.4 < zero_c.any(1).float().mean() < 0.6
+    assert zero_c.any(0).all()  # each of x, y, z is dropped somewhere
+    keep = ~zero_c[:, None, None, None, :].expand_as(x)
+    assert torch.equal(z[keep], x[keep])
+    with pytest.raises(Exception, match="drop_joint_p"):
+        AugmentConfig(drop_joint_p=1.0)
