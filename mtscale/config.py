@@ -472,6 +472,11 @@ class FinetuneConfig:
     label_smoothing: float = 0.1
     mixup: float = 0.0
     """Mixup Beta(alpha, alpha) on the training batch (0 = off)."""
+    ema: float = 0.0
+    """Exponential moving average of the weights, decay per optimizer step (e.g. 0.999; 0 = off;
+    the decay ramps up as min(ema, (1 + step) / (10 + step))). When on, the averaged weights are
+    what is validated, saved as the classifier, and scored on the test part (a rule fixed in
+    advance, never chosen on the test split); training continues on the raw weights."""
     head_drop: float = 0.0
     """Dropout before the classifier (with ``pool=joint``: on the concatenated joint features)."""
     pool: str = "mean"
@@ -522,6 +527,8 @@ class FinetuneConfig:
             raise ConfigError(f"warmup_epochs: found {self.warmup_epochs}, expected in [0, epochs={self.epochs}]")
         if not 0.0 < self.layer_decay <= 1.0:
             raise ConfigError(f"layer_decay: found {self.layer_decay}, expected in (0, 1]")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"ema: found {self.ema}, expected 0 (off) or a decay in (0, 1)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing: found {self.label_smoothing}, expected in [0, 1)")
         if self.mixup < 0.0:

@@ -203,8 +203,8 @@ def _warn_unused(cfg: FinetuneConfig) -> None:
         if getattr(cfg.train, name) != getattr(dflt, name):
             log.warning("train.%s=%s has no effect on fine-tuning (the schedule is in epochs; one checkpoint per "
                         "epoch; DDP, not ZeRO)", name, getattr(cfg.train, name))
-    if cfg.protocol == "linear" and (cfg.mixup or cfg.model.drop_path or cfg.head_drop):
-        log.warning("mixup / model.drop_path / head_drop have no effect on a linear probe (frozen features)")
+    if cfg.protocol == "linear" and (cfg.mixup or cfg.model.drop_path or cfg.head_drop or cfg.ema):
+        log.warning("mixup / model.drop_path / head_drop / ema have no effect on a linear probe (frozen features)")
 
 
 def _meta(cfg: FinetuneConfig, store: Store, model_dict: dict, source: str | None, splits: Splits, *,
@@ -268,7 +268,8 @@ def _preempted(run_dir: Path, epoch: int, model: torch.nn.Module, trainer: Any, 
     if partial is not None:
         out = run_dir / "checkpoints" / f"epoch_{epoch:04d}{PARTIAL}"
         if rt.world.is_main:
-            save_classifier(model, dict(meta, epoch=epoch, partial=True), out)
+            with trainer.export_context():
+                save_classifier(model, dict(meta, epoch=epoch, partial=True), out)
             state = {"epoch": epoch, "best": best, "trainer": trainer.state_dict(), "elapsed": elapsed,
                      "partial": partial, "rng": capture_rng()}
             tmp = out / (STATE + ".tmp")
@@ -291,7 +292,8 @@ def _save_epoch(run_dir: Path, epoch: int, model: torch.nn.Module, trainer: Any,
     out = run_dir / "checkpoints" / f"epoch_{epoch:04d}"
     trainer.prepare_export()  # on every rank: all of them evaluate the exported classifier
     if rt.world.is_main:
-        save_classifier(model, dict(meta, epoch=epoch, metrics=metrics), out)
+        with trainer.export_context():  # the EMA weights when cfg.ema is on
+            save_classifier(model, dict(meta, epoch=epoch, metrics=metrics), out)
         state = {"epoch": epoch, "best": best, "trainer": trainer.state_dict(), "elapsed": elapsed,
                  "rng": {"torch": torch.get_rng_state(), "numpy_seed": int(np.random.randint(2**31))}}
         tmp = out / (STATE + ".tmp")
@@ -350,8 +352,9 @@ def _finish(cfg: FinetuneConfig, model: torch.nn.Module, trainer: Any, store: St
     if cfg.keep_best and (run_dir / "best").is_dir() and best["epoch"] != last.get("epoch", best["epoch"]):
         variants.append(("_best", run_dir / "best" / WEIGHTS))
     for suffix, weights in variants:
-        if weights is not None:
-            unwrap(model).load_state_dict(load_file(str(weights)), strict=True)
+        # the published classifier's weights: final/ is the last epoch's file (the EMA with cfg.ema)
+        weights = weights or (run_dir / "final" / WEIGHTS)
+        unwrap(model).load_state_dict({k: v.to(rt.device) for k, v in load_file(str(weights)).items()}, strict=True)
         folder = run_dir / ("best" if suffix else "final")
         for role, rows in parts:
             rows = np.sort(rows)

@@ -130,6 +130,31 @@ class FullTrainer:
         self.num_classes = int(unwrap(model).head.out_features)
         # fp16 autocast needs loss scaling (bf16 and fp32 do not): a disabled scaler is a no-op.
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
+        # EMA of every floating-point entry of the state dict (weights and BatchNorm statistics)
+        self.ema: dict[str, Tensor] | None = None
+        if cfg.ema > 0:
+            self.ema = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items() if v.is_floating_point()}
+
+    def _ema_update(self) -> None:
+        decay = min(self.cfg.ema, (1 + self.step) / (10 + self.step))
+        sd = unwrap(self.model).state_dict()
+        keys = list(self.ema)
+        torch._foreach_lerp_([self.ema[k] for k in keys], [sd[k].detach() for k in keys], 1.0 - decay)
+
+    @contextlib.contextmanager
+    def export_context(self):
+        """Within it the model holds the weights to validate, save as the classifier and score:
+        the EMA when ``cfg.ema`` is on (the raw weights are put back on exit), else the model's."""
+        if self.ema is None:
+            yield
+            return
+        model = unwrap(self.model)
+        raw = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.ema}
+        model.load_state_dict(self.ema, strict=False)
+        try:
+            yield
+        finally:
+            model.load_state_dict(raw, strict=False)
 
     def train_epoch(self, epoch: int, stop: Any = None, partial: dict[str, Any] | None = None) -> dict[str, Any]:
         """One epoch (or its rest, from ``partial``). With ``stop`` (a StopFlag) raised, returns at
@@ -189,6 +214,8 @@ class FullTrainer:
                 self.scaler.update()
                 self.opt.zero_grad(set_to_none=True)
                 self.step += 1
+                if self.ema is not None:
+                    self._ema_update()
                 bar.update(1)
                 if show and self.step % 10 == 0:  # a host sync: only for a visible bar, every 10 steps
                     bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}")
@@ -206,22 +233,35 @@ class FullTrainer:
     def validate(self) -> dict[str, float]:
         if self.splits.val.size == 0:
             return {}
-        logits = score_rows(classifier_forward(unwrap(self.model), probs=False), self.store, self.cfg.data,
-                            self.splits.val, self.rt, batch_size=self.cfg.eval_batch_size or 2 * self.micro_batch_size,
-                            seed=self.cfg.train.seed, progress=self.cfg.run.progress, desc="val")
+        with self.export_context():
+            logits = score_rows(classifier_forward(unwrap(self.model), probs=False), self.store, self.cfg.data,
+                                self.splits.val, self.rt,
+                                batch_size=self.cfg.eval_batch_size or 2 * self.micro_batch_size,
+                                seed=self.cfg.train.seed, progress=self.cfg.run.progress, desc="val")
         return _val_metrics(logits, np.asarray(self.store.labels)[self.splits.val])
 
     def prepare_export(self) -> None:
         pass
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.opt.state_dict(), "step": self.step, "scaler": self.scaler.state_dict()}
+        out = {"optimizer": self.opt.state_dict(), "step": self.step, "scaler": self.scaler.state_dict()}
+        if self.ema is not None:  # the classifier file holds the EMA: keep the raw weights here
+            out["ema"] = {k: v.cpu() for k, v in self.ema.items()}
+            out["raw"] = {k: v.detach().cpu() for k, v in unwrap(self.model).state_dict().items()}
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.opt.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ConfigError("ema: found on, but the checkpoint was written without it; expected the same "
+                                  "ema setting to resume")
+            dev = self.rt.device
+            unwrap(self.model).load_state_dict({k: v.to(dev) for k, v in state["raw"].items()}, strict=True)
+            self.ema = {k: v.to(dev) for k, v in state["ema"].items()}
 
 
 class LinearProbe:
@@ -295,6 +335,10 @@ class LinearProbe:
         if self.splits.val.size == 0:
             return {}
         return _val_metrics(self.head(self.f_val).float().cpu().numpy(), self.y_val)
+
+    @contextlib.contextmanager
+    def export_context(self):
+        yield  # the exported head is prepare_export's fold; no weight average here
 
     @torch.no_grad()
     def prepare_export(self) -> None:

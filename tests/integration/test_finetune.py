@@ -364,3 +364,28 @@ def test_non_finite_fine_tuning_loss_stops_the_run(store, tmp_path):
                           "warmup_epochs=0"))
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
     assert not (run_dir / "final").exists()
+
+
+def test_ema_weights_are_published_and_resume_exactly(store, tmp_path):
+    """Issue 26 recipe option ``ema``: the classifier files (epoch checkpoints, final/) hold the
+    weight average, training continues on the raw weights (kept in train_state.pt), and a run
+    stopped mid-epoch resumes to the uninterrupted run's EMA weights and test accuracy."""
+    from safetensors.torch import load_file
+
+    base = ("protocol=scratch", "epochs=2", "ema=0.9")
+    full = run_finetune(_cfg(store, tmp_path / "full", *base))
+    ck = tmp_path / "full" / "checkpoints" / "epoch_0001"
+    state = torch.load(ck / "train_state.pt", weights_only=True)
+    published = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
+    k = "head.weight"
+    torch.testing.assert_close(published[k], state["trainer"]["ema"][k])
+    assert (published[k] - state["trainer"]["raw"][k]).abs().max() > 1e-6  # not the raw weights
+    part = tmp_path / "part"
+    assert run_finetune(_cfg(store, part, *base), stop=_StopAfter(6))["preempted"]
+    resumed = run_finetune(_cfg(store, part, *base))
+    got = load_file(str(part / "final" / "model.safetensors"))
+    for name in published:
+        torch.testing.assert_close(got[name], published[name], rtol=1e-5, atol=1e-6)
+    assert resumed["test_top1"] == pytest.approx(full["test_top1"], abs=1e-6)
+    with pytest.raises(ConfigError, match="ema"):
+        _cfg(store, tmp_path / "bad", "ema=1.0")
