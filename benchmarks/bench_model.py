@@ -90,7 +90,9 @@ class Step:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
         g = torch.Generator().manual_seed(0)
         self.x = (0.3 * torch.randn(batch, T, M, V, C, generator=g)).cumsum(1).mul(0.05).to(device)
-        self.mask = torch.ones(batch, T, dtype=torch.bool, device=device)
+        # Every frame valid: no mask, as the loader's ``model_mask`` gives the model for unpadded
+        # batches (on CUDA a mask that reaches SDPA rules out its flash kernel).
+        self.mask = None
         self.keys = torch.arange(batch, device=device)
         self.device, self.dtype, self.batch, self.n = device, dtype, batch, 0
         self.autocast = device.type == "cuda" and dtype != torch.float32

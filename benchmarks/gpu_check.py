@@ -18,8 +18,9 @@ a failure is recorded and the next check runs; exit code 1 if any check that ran
 processes with gloo, fp32 (bf16 only on a CPU with avx512_bf16 / amx_bf16); the lines that
 need CUDA (CUDA/NCCL versions, bf16 support) say ``skipped: no CUDA``. On a GPU the checks
 assert what only a GPU can show: SDPA runs the flash kernel without a mask and the
-memory-efficient one with a key-padding mask; the collectives go through NCCL; the
-pre-training targets survive the bf16 cast of the input. Importing this file makes no CUDA call.
+memory-efficient one with a key-padding mask; the collectives go through NCCL; bf16 never
+reaches the pre-training targets (checked in the model and, in the ZeRO-3 run, in the real
+job). Importing this file makes no CUDA call.
 
 Layout: the machine checks and the driver are here, the checks that run mtscale's code in
 ``gpu_check_runs.py``, the shared plan / context in ``gpu_check_base.py``. Logs of every

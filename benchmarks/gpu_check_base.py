@@ -41,7 +41,7 @@ class Plan:
 
     dry: bool
     device: str  # cuda:0 | cpu
-    precision: str  # bf16 | fp32
+    precision: str  # bf16 | fp16 | fp32: mtscale's own choice for the device (resolve_precision "auto")
     nproc: int  # ranks of the launcher runs
     clip_frames: int
     pretrain_sets: dict[str, Any]  # overrides of small.yaml beyond store / run dir / steps
@@ -62,19 +62,16 @@ class Plan:
     def make(cls, dry: bool, quick: bool) -> "Plan":
         import torch
 
+        from mtscale.train.engine import resolve_precision
+
         if not dry:
             if not torch.cuda.is_available():
                 raise SystemExit("gpu_check: no CUDA device visible; use --dry-run for the CPU form")
-            bf16 = torch.cuda.is_bf16_supported()
-            return cls(False, "cuda:0", "bf16" if bf16 else "fp32", 1, 120,
+            return cls(False, "cuda:0", resolve_precision("auto", "cuda"), 1, 120,
                        {"train.batch_size": 64, "train.warmup_steps": 5, "data.num_workers": 2},
                        steps=40, more_steps=10, num_samples=256, workers=2,
                        sizes=["small"] if quick else ["small", "base", "large"], flop_budget=2e13, bench_steps=5)
-        from bench_model import cpu_flags
-
-        flags = cpu_flags()
-        fast_bf16 = flags["avx512_bf16"] or flags["amx_bf16"]
-        return cls(True, "cpu", "bf16" if fast_bf16 else "fp32", 2, 16,
+        return cls(True, "cpu", resolve_precision("auto", "cpu"), 2, 16,  # fp32 unless bf16 GEMMs are fast
                    {"model.size": "tiny", "data.clip_frames": 16, "objective.decoder_dim": 64,
                     "objective.decoder_depth": 1, "objective.decoder_heads": 4, "train.batch_size": 16,
                     "train.warmup_steps": 2, "data.num_workers": 0, "data.shuffle_buffer": 256},
@@ -102,9 +99,9 @@ class Ctx:
 
     @property
     def dtype(self):
-        import torch
+        from mtscale.train.engine import DTYPES
 
-        return torch.bfloat16 if self.plan.precision == "bf16" else torch.float32
+        return DTYPES[self.plan.precision]
 
     def store(self) -> str:
         """The synthetic store (synth + prepare), made on first use (a complete one left in

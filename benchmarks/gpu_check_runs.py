@@ -112,34 +112,72 @@ def check_loader(ctx: Ctx) -> str:
             f"the device keeps joint norms (rel. err {norm_err:.1e})")
 
 
+def _forward_recording(model: Any, x: Any, mask: Any, keys: Any, autocast: Any = None) -> dict[str, Any]:
+    """One no-grad ``PretrainModel.forward``, recording the clip dtype its targets were derived
+    from, the targets (B, L, K) and the hidden-token mask (B, L) it used, and the loss."""
+    import torch
+
+    seen: dict[str, Any] = {}
+    targets, split = model.targets, model._mask
+
+    def rec_targets(x_: torch.Tensor, m_: Any) -> Any:
+        out = targets(x_, m_)
+        seen.update(x_dtype=str(x_.dtype).removeprefix("torch."), target=out[0].detach().float())
+        return out
+
+    def rec_mask(*args: Any) -> Any:
+        out = split(*args)
+        seen["hidden"] = out[2]
+        return out
+
+    model.targets, model._mask = rec_targets, rec_mask  # instance attributes shadow the methods
+    try:
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=autocast or torch.float32,
+                                             enabled=autocast is not None):
+            loss, _ = model(x, mask, keys, step=0, seed=0)
+    finally:
+        del model.targets, model._mask
+    seen["loss"] = float(loss)
+    return seen
+
+
 def check_pretrain_targets(ctx: Ctx) -> str:
-    """The masked-motion targets and the motion-aware mask computed from the batch at the dtype
-    the trainer feeds the engine (mtscale/train/pretrain_job.py casts ``x`` to the training
-    precision before the model derives its targets) must match those from the fp32 batch."""
+    """bf16 must not reach the pre-training targets: ``PretrainModel.forward`` in the two bf16
+    modes of the trainer -- bf16 parameters (DeepSpeed bf16, ZeRO 1-3) and fp32 parameters
+    under bf16 autocast (ZeRO-0) -- fed the fp32 clip as ``pretrain_job``'s step does, must
+    derive the masked-motion targets and the motion-aware mask exactly as in fp32 (a bf16 clip
+    puts ~30 % error in the normalised motion target). Runs in bf16 on any device."""
+    import copy
+
     import torch
 
     from mtscale.config import ModelConfig, ObjectiveConfig
-    from mtscale.models.objectives import build_pretrain_model, normalise_tokens
+    from mtscale.models.objectives import build_pretrain_model
 
     b = next(iter(_batches(ctx, augment=False)))
-    x, mask = b["x"], b["mask"]
+    x, mask, keys = b["x"].float(), b["mask"], b["index"]
+    torch.manual_seed(0)
     model = build_pretrain_model(ModelConfig(size="tiny"), ObjectiveConfig(kind="masked_motion"),
-                                 clip_frames=ctx.plan.clip_frames, num_bodies=2, num_joints=25).to(ctx.device)
-    with torch.no_grad():
-        t_ref, m_ref = model.targets(x.float(), mask)
-        t_in, m_in = model.targets(x.to(ctx.dtype), mask)
-        keep = t_ref.abs().amax(-1) > 0  # tokens that move (absent bodies carry no target)
-        n_ref, n_in = normalise_tokens(t_ref)[keep], normalise_tokens(t_in.float())[keep]
-        rel = float((n_in - n_ref).norm() / n_ref.norm().clamp_min(1e-12))
-        hid_ref = model._mask(m_ref, b["index"], 0, 0)[2]  # (B, L) True = hidden
-        hid_in = model._mask(m_in.float(), b["index"], 0, 0)[2]
-        differ = float((~hid_ref & hid_in).sum() / (~hid_ref).sum())  # share of the visible tokens that change
-    ctx.values.update(pretrain_target_rel_err=rel, pretrain_mask_differs=differ, pretrain_input_dtype=ctx.plan.precision)
-    expect(rel < 0.01 and differ < 0.01,
-           f"at {ctx.plan.precision} input the normalised motion target is off by {100 * rel:.0f} % and the "
-           f"motion-aware mask swaps {100 * differ:.0f} % of the visible tokens vs fp32 (pretrain_job.py casts the "
-           "batch before the model computes its targets)")
-    return f"{ctx.plan.precision} input: target rel. err {rel:.1e}, {100 * differ:.2f} % of the visible tokens swapped"
+                                 clip_frames=ctx.plan.clip_frames, num_bodies=2, num_joints=25).to(ctx.device).eval()
+    ref = _forward_recording(model, x, mask, keys)
+    modes = {"bf16_params": _forward_recording(copy.deepcopy(model).to(torch.bfloat16), x, mask, keys),
+             "bf16_autocast": _forward_recording(model, x, mask, keys, autocast=torch.bfloat16)}
+    bad, parts = [], []
+    for name, r in modes.items():
+        same_t = torch.equal(r["target"], ref["target"])
+        same_m = torch.equal(r["hidden"], ref["hidden"])
+        dloss = abs(r["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-12)
+        ctx.values.update({f"pretrain_targets_{name}_x_dtype": r["x_dtype"], f"pretrain_targets_{name}_exact": same_t,
+                           f"pretrain_targets_{name}_mask_exact": same_m, f"pretrain_targets_{name}_loss_rel_diff": dloss})
+        if r["x_dtype"] != "float32" or not (same_t and same_m):
+            err = float((r["target"] - ref["target"]).norm() / ref["target"].norm().clamp_min(1e-12))
+            bad.append(f"{name}: targets from a {r['x_dtype']} clip (rel. err {err:.1e}), mask "
+                       f"{'same' if same_m else 'differs'}")
+        if not (math.isfinite(r["loss"]) and dloss < 0.05):
+            bad.append(f"{name}: loss {r['loss']:.4f} vs fp32 {ref['loss']:.4f}")
+        parts.append(f"{name}: targets + mask exact, loss {100 * dloss:.2f} % off fp32")
+    expect(not bad, "; ".join(bad))
+    return "; ".join(parts) + " (fp32 clip in, as pretrain_job feeds it)"
 
 
 # --------------------------------------------------------------------------- checks: training runs
@@ -175,7 +213,9 @@ def check_pretrain(ctx: Ctx) -> str:
     want = "nccl" if p.cuda else "gloo"
     expect(m is not None and m.group(1) == want, f"process group backend {m and m.group(1)}, expected {want}")
     ds = json.loads((run_dir / "ds_config.json").read_text())
-    expect(ds["bf16"]["enabled"] == (p.precision == "bf16"), f"ds_config bf16 {ds['bf16']}, precision {p.precision}")
+    ran = ds_precision(ds)
+    ctx.values["pretrain_ds_precision"] = ran
+    expect(ran.startswith(p.precision), f"ds_config.json runs {ran}, expected {p.precision}")
     status = json.loads((run_dir / "status.json").read_text())
     expect(status["state"] == "finished" and status["world_size"] == p.nproc, f"status.json {status}")
     expect(tail < head and loss[-1] < loss[0], f"loss does not fall: first {loss[0]:.4f}, last {loss[-1]:.4f}, "
@@ -186,6 +226,17 @@ def check_pretrain(ctx: Ctx) -> str:
     return (f"{p.nproc} x {want}, {p.precision}, {p.steps} steps in {wall:.0f} s: loss {loss[0]:.3f} -> {loss[-1]:.3f}; "
             f"{last.get('samples_per_s', float('nan')):.1f} samples/s, {tok:.3g} tokens/s, "
             f"{last.get('tflops', float('nan')):.3g} TFLOP/s, MFU {'-' if mfu is None else f'{100 * mfu:.1f} %'}")
+
+
+def ds_precision(ds: dict[str, Any]) -> str:
+    """What a written ds_config.json computes in: ``bf16`` (DeepSpeed's bf16 mode), ``bf16
+    autocast`` (torch_autocast, fp32 parameters), ``fp16`` or ``fp32``."""
+    if ds.get("bf16", {}).get("enabled"):
+        return "bf16"
+    ac = ds.get("torch_autocast", {})
+    if ac.get("enabled"):
+        return {"bfloat16": "bf16", "float16": "fp16"}.get(ac.get("dtype"), str(ac.get("dtype"))) + " autocast"
+    return "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
 
 
 def check_resume(ctx: Ctx) -> str:
@@ -246,6 +297,7 @@ def check_zero3(ctx: Ctx) -> str:
     ctx.values.update({f"zero3_{k}": v for k, v in g.items() if not isinstance(v, list)})
     ctx.values["zero3_matrices_not_decayed"] = len(g["matrices_not_decayed"])
     ctx.values["zero3_vectors_decayed"] = len(g["vectors_decayed"])
+    ctx.values["zero3_target_clip_dtypes"] = ",".join(g["target_clip_dtypes"])
     expect(g["stage"] == 3 and g["partitioned"] == g["decay_params"] + g["no_decay_params"],
            f"ZeRO stage {g['stage']}, {g['partitioned']} of {g['decay_params'] + g['no_decay_params']} params partitioned")
     expect(g["checkpoint_activations"], "model.checkpoint_activations=true did not reach the model")
@@ -254,13 +306,16 @@ def check_zero3(ctx: Ctx) -> str:
     expect(g["decay_params"] > 0 and not g["matrices_not_decayed"],
            f"{g['decay_params']} params decayed; matrices at weight_decay 0: {g['matrices_not_decayed'][:4]}")
     expect(not g["vectors_decayed"], f"vectors decayed: {g['vectors_decayed'][:4]}")
+    expect(g["target_clip_dtypes"] == ["float32"],
+           f"the model derived its targets from {g['target_clip_dtypes']} clips, expected float32 only")
     from mtscale.train.checkpoint import load_encoder
 
     _, meta = load_encoder(run_dir / "encoder.safetensors")  # strict: exactly the encoder's keys
     expect(meta["step"] == steps, f"exported encoder at step {meta['step']}, expected {steps}")
     loss = [r["loss"] for r in metrics_rows(run_dir)]
     expect(len(loss) == steps and all(math.isfinite(v) for v in loss), f"losses {loss}")
-    return (f"{g['optimizer']}, {g['partitioned']} params partitioned over {p.nproc} rank(s); weight decay "
+    return (f"{g['optimizer']}, {g['param_dtype']} params, {g['partitioned']} partitioned over {p.nproc} rank(s), "
+            f"targets from {'/'.join(g['target_clip_dtypes'])} clips; weight decay "
             f"{g['weight_decay']}: {g['decay_params']} params ({g['decay_numel']:,} elements), 0: "
             f"{g['no_decay_params']} params ({g['no_decay_numel']:,}); encoder.safetensors exported at step {steps}")
 
@@ -284,8 +339,10 @@ def weight_decay_groups(engine: Any, model: Any) -> dict[str, Any]:
             pairs += [(p, base.param_groups[i]["weight_decay"]) for p in params]
     rows = [(names.get(id(p), "?"), full_shape(p), wd, tuple(p.shape)) for p, wd in pairs]
     decay = [r for r in rows if r[2] > 0]
+    first = next(iter(model.parameters()))
     return {
         "stage": int(engine.zero_optimization_stage()), "optimizer": type(base).__name__,
+        "param_dtype": str(getattr(first, "ds_tensor", first).dtype).removeprefix("torch."),
         "weight_decay": max((r[2] for r in rows), default=0.0),
         "decay_params": len(decay), "no_decay_params": len(rows) - len(decay),
         "decay_numel": sum(math.prod(r[1]) for r in decay),
@@ -299,26 +356,37 @@ def weight_decay_groups(engine: Any, model: Any) -> dict[str, Any]:
 
 
 def pretrain_child(out_json: str, argv: list[str]) -> int:
-    """``mtscale.pretrain`` under the launcher, recording :func:`weight_decay_groups` (rank 0)
-    right after the engine is built."""
+    """``mtscale.pretrain`` under the launcher, recording on rank 0 :func:`weight_decay_groups`
+    right after the engine is built, and the dtypes of the clips the model derived its targets
+    from during the run (``target_clip_dtypes``)."""
     from mtscale import pretrain
     from mtscale.errors import MtscaleError
+    from mtscale.models.objectives import PretrainModel
     from mtscale.train import pretrain_job
 
-    build = pretrain_job.build_engine
+    build, targets = pretrain_job.build_engine, PretrainModel.targets
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    record: dict[str, Any] = {}
+    clip_dtypes: set[str] = set()
 
     def build_and_record(*args: Any, **kw: Any):
         engine, model = build(*args, **kw)
-        if int(os.environ.get("RANK", "0")) == 0:
-            Path(out_json).write_text(json.dumps(weight_decay_groups(engine, model), indent=1))
+        record.update(weight_decay_groups(engine, model))
         return engine, model
 
-    pretrain_job.build_engine = build_and_record
+    def targets_recorded(self: Any, x: Any, mask: Any) -> Any:
+        clip_dtypes.add(str(x.dtype).removeprefix("torch."))
+        return targets(self, x, mask)
+
+    pretrain_job.build_engine, PretrainModel.targets = build_and_record, targets_recorded
     try:
-        return pretrain.main(argv)
+        rc = pretrain.main(argv)
     except MtscaleError as e:
         print(f"mtscale pretrain: error: {e}", file=sys.stderr)
         return 2
+    if rank0:
+        Path(out_json).write_text(json.dumps(record | {"target_clip_dtypes": sorted(clip_dtypes)}, indent=1))
+    return rc
 
 
 def _encoder_for_finetune(ctx: Ctx) -> tuple[Path, str]:
@@ -404,6 +472,7 @@ def make_throughput_check(size: str, tok: str) -> Callable[[Ctx], str]:
         st = Step(size, tok, 0, ctx.device, ctx.dtype, flop_budget=p.flop_budget)
         try:
             sec = st.time(p.bench_steps, warmup=1 if p.dry else 2)
+            ran = kernels_ran(st)  # one more step, profiled: the attention kernel training runs
             sps = st.batch / sec
             flops = st.model.flops_per_sample() * sps
             mfu = flops / peak if peak else None
@@ -411,15 +480,18 @@ def make_throughput_check(size: str, tok: str) -> Callable[[Ctx], str]:
             ctx.values.update({f"{key}_batch": st.batch, f"{key}_samples_per_s": sps,
                                f"{key}_tokens_per_s": sps * st.model.tokens_per_sample(),
                                f"{key}_tflops": flops / 1e12, f"{key}_mfu": mfu,
-                               f"{key}_peak_mem_bytes": torch.cuda.max_memory_allocated(ctx.device) if p.cuda else None})
+                               f"{key}_peak_mem_bytes": torch.cuda.max_memory_allocated(ctx.device) if p.cuda else None,
+                               f"{key}_sdpa_kernel": ",".join(sorted(ran))})
         finally:
             del st
             gc.collect()
             if p.cuda:
                 torch.cuda.empty_cache()
         expect(math.isfinite(flops) and flops > 0, f"{flops} FLOP/s")
+        expect(ran == {"flash"}, f"the training step ran SDPA kernel(s) {sorted(ran)}, expected flash (no padding)")
         expect(mfu is None or not p.cuda or 0 < mfu < 1, f"MFU {mfu}, expected in (0, 1)")
         return (f"batch {ctx.values[key + '_batch']}: {sps:.1f} samples/s, {ctx.values[key + '_tokens_per_s']:.3g} "
-                f"tokens/s, {flops / 1e12:.3g} TFLOP/s, MFU {'-' if mfu is None else f'{100 * mfu:.1f} %'}")
+                f"tokens/s, {flops / 1e12:.3g} TFLOP/s, MFU {'-' if mfu is None else f'{100 * mfu:.1f} %'}, "
+                f"SDPA {','.join(sorted(ran))}")
 
     return check
