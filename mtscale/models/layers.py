@@ -94,7 +94,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     (device, dtype, backend, mask, dropout, grad) and logged when it changes.
     """
     with sdpa_backend_context(backend):
-        sig = (q.device.type, q.dtype, backend, attn_mask is not None, dropout_p > 0, q.requires_grad)
+        sig = (q.device.type, q.dtype, backend, attn_mask is not None, dropout_p > 0, q.requires_grad,
+               q.shape[-2], q.shape[-1])  # the kernel choice depends on the length and head size too
         if sig not in _seen and not torch.compiler.is_compiling():
             _seen.add(sig)
             ran = _chosen_backend(q, k, v, attn_mask, dropout_p)
