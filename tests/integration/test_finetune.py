@@ -389,3 +389,16 @@ def test_ema_weights_are_published_and_resume_exactly(store, tmp_path):
     assert resumed["test_top1"] == pytest.approx(full["test_top1"], abs=1e-6)
     with pytest.raises(ConfigError, match="ema"):
         _cfg(store, tmp_path / "bad", "ema=1.0")
+
+
+def test_fp16_fine_tuning_scales_the_loss(store, tmp_path):
+    """Issue 25, item 8: fp16 autocast fine-tuning runs with a gradient scaler (its state is in
+    the checkpoint, so a resume keeps the scale); bf16 / fp32 runs have none."""
+    out = run_finetune(_cfg(store, tmp_path / "fp16", "protocol=scratch", "epochs=1", "train.precision=fp16"))
+    state = torch.load(tmp_path / "fp16" / "checkpoints" / "epoch_0000" / "train_state.pt", weights_only=True)
+    scaler = state["trainer"]["scaler"]
+    assert scaler and scaler["scale"] > 1.0  # an enabled scaler (a disabled one saves {})
+    assert np.isfinite(out["train_loss"]) and 0 <= out["test_top1"] <= 100
+    run_finetune(_cfg(store, tmp_path / "fp32", "protocol=scratch", "epochs=1"))
+    state = torch.load(tmp_path / "fp32" / "checkpoints" / "epoch_0000" / "train_state.pt", weights_only=True)
+    assert not state["trainer"]["scaler"]
