@@ -51,7 +51,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_check_base / _runs, bench_model
 
 from gpu_check_base import CheckError, Ctx, Plan, Skip, expect  # noqa: E402
-from gpu_check_runs import (check_evaluate, check_finetune, check_loader, check_pretrain,  # noqa: E402
+from gpu_check_runs import (check_compile, check_evaluate, check_finetune, check_loader, check_pretrain,  # noqa: E402
                             check_pretrain_targets, check_resume, check_sdpa_kernel, check_zero3,
                             make_throughput_check, prebuild_cpu_adam, pretrain_child)
 
@@ -169,7 +169,8 @@ def check_gemm(ctx: Ctx) -> str:
 def checks_for(plan: Plan) -> list[tuple[str, Callable[[Ctx], str]]]:
     out = [("device", check_device), ("cuda_nccl_versions", check_cuda_nccl_versions), ("all_reduce", check_all_reduce),
            ("bf16", check_bf16), ("gemm", check_gemm), ("sdpa_kernel", check_sdpa_kernel), ("loader", check_loader),
-           ("pretrain_targets", check_pretrain_targets), ("pretrain", check_pretrain), ("resume", check_resume),
+           ("pretrain_targets", check_pretrain_targets), ("pretrain", check_pretrain), ("compile", check_compile),
+           ("resume", check_resume),
            ("zero3_offload", check_zero3), ("finetune", check_finetune), ("evaluate", check_evaluate)]
     return out + [(f"throughput_{s}_{t}", make_throughput_check(s, t)) for s in plan.sizes for t in ("frame", "patch")]
 
