@@ -82,23 +82,15 @@ def check_resume(run_dir: Path, new: dict[str, Any], keep: tuple[str, ...]) -> N
     saved = yaml.safe_load(saved_file.read_text()) or {}
     for dotted in keep:
         a, b = _get(saved, dotted), _get(new, dotted)
-        if dotted == "model" and isinstance(a, dict) and isinstance(b, dict):
-            a = {k: v for k, v in a.items() if k not in RUNTIME_MODEL_FIELDS}
-            b = {k: v for k, v in b.items() if k not in RUNTIME_MODEL_FIELDS}
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            if diff:
-                k = diff[0]
-                raise ConfigError(f"model.{k}: found {b.get(k)!r}, but the run in {run_dir} was started with "
-                                  f"{a.get(k)!r}; expected the same to resume it (or a new run.dir)")
-            continue
-        if isinstance(a, dict) or isinstance(b, dict):
-            a, b = a or {}, b or {}
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            if diff:
-                k = diff[0]
-                raise ConfigError(f"{dotted}.{k}: found {b.get(k)!r}, but the run in {run_dir} was started with "
-                                  f"{a.get(k)!r}; expected the same to resume it (or a new run.dir)")
-            continue
+        if isinstance(a, dict) or isinstance(b, dict):  # a section: compare field by field
+            drop = RUNTIME_MODEL_FIELDS if dotted == "model" else ()
+            a = {k: v for k, v in (a or {}).items() if k not in drop}
+            b = {k: v for k, v in (b or {}).items() if k not in drop}
+            # fields the saved config lacks are newer than the run (a newer mtscale): not a change
+            diff = sorted(k for k in a if a.get(k) != b.get(k))
+            if not diff:
+                continue
+            dotted, a, b = f"{dotted}.{diff[0]}", a.get(diff[0]), b.get(diff[0])
         if a != b and a is not None:
             raise ConfigError(f"{dotted}: found {b!r}, but the run in {run_dir} was started with {a!r}; expected "
                               "the same to resume it (or a new run.dir)")
