@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from mtscale.errors import MtscaleError
+from mtscale.errors import MtscaleError, user_os_error
 
 FORMATS = ("ntu", "nw-ucla", "generic", "ctrgcn-npz", "pyskl")
 
@@ -222,11 +222,21 @@ def _main(argv: list[str] | None) -> int:
         except MtscaleError as e:
             print(f"mtscale {verb}: error: {e}", file=sys.stderr)
             return 2
+        except OSError as e:
+            if (line := user_os_error(e)) is None:
+                raise
+            print(f"mtscale {verb}: error: {line}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except MtscaleError as e:
         print(f"mtscale {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if isinstance(e, BrokenPipeError) or (line := user_os_error(e)) is None:
+            raise
+        print(f"mtscale {args.verb}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mtscale {args.verb}: interrupted", file=sys.stderr)

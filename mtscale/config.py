@@ -271,6 +271,14 @@ class TrainConfig:
             raise ConfigError(f"train.precision: found {self.precision!r}, expected auto|fp32|bf16|fp16")
         if self.batch_size < 1 or self.max_steps < 1:
             raise ConfigError("train.batch_size and train.max_steps must be >= 1")
+        for name, ok, want in (("lr", self.lr > 0, "> 0"), ("min_lr", 0 <= self.min_lr <= self.lr, "in [0, train.lr]"),
+                               ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                               ("grad_clip", self.grad_clip >= 0, ">= 0 (0 = off)"),
+                               ("warmup_steps", self.warmup_steps >= 0, ">= 0"), ("adam_eps", self.adam_eps > 0, "> 0"),
+                               ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                                "two values in [0, 1)")):
+            if not ok:
+                raise ConfigError(f"train.{name}: found {getattr(self, name)!r}, expected {want}")
 
 
 @dataclass

@@ -37,3 +37,22 @@ class StoreError(MtscaleError):
 
 class NonFiniteLossError(MtscaleError):
     """Training produced a non-finite loss; the message names the step and the batch's samples."""
+
+
+USER_OS_ERRNOS = {"EACCES", "EPERM", "EROFS", "ENOSPC", "EDQUOT", "ENOENT", "EISDIR", "ENOTDIR"}
+"""File-system failures a user fixes (permissions, a read-only or full disk, a missing path),
+reported as one line rather than a traceback."""
+
+
+def user_os_error(e: OSError) -> str | None:
+    """``e`` as one line (``path: reason``) when it is a file-system failure a user fixes, else None."""
+    import errno
+
+    name = errno.errorcode.get(e.errno or -1, "")
+    if name not in USER_OS_ERRNOS:
+        return None
+    where = e.filename if e.filename is not None else "output"
+    hint = {"ENOSPC": "free disk space, then run the same command again to resume",
+            "EDQUOT": "free quota, then run the same command again to resume",
+            "EROFS": "a writable location", "EACCES": "a location you may write", "EPERM": "a location you may write"}
+    return f"{where}: {e.strerror or name}" + (f", expected {hint[name]}" if name in hint else "")

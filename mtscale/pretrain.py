@@ -77,6 +77,13 @@ def _script_main() -> int:
     except MtscaleError as e:
         print(f"mtscale pretrain: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        from mtscale.errors import user_os_error
+
+        if (line := user_os_error(e)) is None:
+            raise
+        print(f"mtscale pretrain: error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

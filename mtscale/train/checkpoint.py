@@ -294,6 +294,34 @@ def export_encoder(run_dir_or_ckpt: str | Path, out_path: str | Path) -> Path:
     return save_encoder(encoder_state(sd), meta, out_path)
 
 
+def read_safetensors(path: Path, expected: str) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    """(tensors, metadata) of a safetensors file; a truncated or foreign file is one BadInputError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    except (SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, OSError) and getattr(e, "errno", None) is not None:
+            raise
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BadInputError(str(path), None, f"not a readable safetensors file ({reason}; truncated or another "
+                            "format?)", expected) from None
+
+
+def parse_meta(raw: str, where: str, required: tuple[str, ...]) -> dict[str, Any]:
+    """JSON metadata with the ``required`` keys, or one BadInputError naming what is wrong."""
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise BadInputError(where, None, f"metadata that is not JSON ({e.msg} at char {e.pos})",
+                            "the JSON mtscale wrote (re-export or re-train)") from None
+    missing = [k for k in required if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise BadInputError(where, None, f"metadata without {missing}", f"the keys {list(required)}")
+    return meta
+
+
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the MotionTransformer from an exported file and load its weights exactly:
     a missing, unexpected or mis-shaped key is an error naming them."""
@@ -305,16 +333,15 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     p = Path(path)
     if not p.is_file():
         raise BadInputError(str(p), None, "file not found", "an encoder .safetensors file")
-    with safe_open(str(p), framework="pt", device="cpu") as f:
-        raw = (f.metadata() or {}).get(META_KEY)
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    state, meta_raw = read_safetensors(p, "an encoder exported by mtscale pretrain (encoder.safetensors)")
+    raw = (meta_raw or {}).get(META_KEY)
     if raw is None:
         side = p.with_suffix(".json")
         if not side.is_file():
             raise BadInputError(str(p), None, f"no '{META_KEY}' metadata and no {side.name}",
                                 "a file written by mtscale export")
         raw = side.read_text()
-    meta = json.loads(raw)
+    meta = parse_meta(raw, str(p), ("model", "clip_frames", "num_bodies", "num_joints"))
     model_cfg = from_dict(ModelConfig, meta["model"], "model")
     enc = MotionTransformer.from_config(model_cfg, clip_frames=meta["clip_frames"], num_bodies=meta["num_bodies"],
                                         num_joints=meta["num_joints"], in_chans=meta.get("in_chans", 3))

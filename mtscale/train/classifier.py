@@ -257,9 +257,14 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if not f.is_file():
         raise BadInputError(str(d), None, f"no {META}", "a classifier checkpoint folder written by mtscale finetune "
                             "(e.g. <run>/final or <run>/best)")
-    meta = json.loads(f.read_text())
+    from mtscale.train.checkpoint import parse_meta
+
+    meta = parse_meta(f.read_text(), str(f), ("format",))
     if meta.get("format") != FORMAT:
         raise BadInputError(str(f), None, f"format {meta.get('format')!r}", repr(FORMAT))
+    missing = [k for k in ("model", "clip_frames", "num_bodies", "num_joints", "num_classes") if k not in meta]
+    if missing:
+        raise BadInputError(str(f), None, f"no {missing}", "the meta.json mtscale finetune writes")
     return meta
 
 
@@ -282,8 +287,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[ClassifierHead, dict[str, Any]]:
     """Rebuild a classifier from a checkpoint folder (or run dir) and load it exactly."""
-    from safetensors.torch import load_file
-
     d = resolve_checkpoint(path)
     meta = read_meta(d)
     from mtscale.data.streams import stream_channels
@@ -297,7 +300,9 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
                                         num_joints=meta["num_joints"], in_chans=in_chans)
     model = build_classifier(enc, int(meta["num_classes"]), head=meta.get("head", "layernorm"),
                              pool=meta.get("pool", "mean"), hidden=int(meta.get("head_hidden", 2048)))
-    state = load_file(str(d / WEIGHTS))
+    from mtscale.train.checkpoint import read_safetensors
+
+    state, _ = read_safetensors(d / WEIGHTS, "the classifier weights mtscale finetune writes")
     check_keys(model, state, str(d / WEIGHTS))
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), meta

@@ -99,14 +99,14 @@ def _run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None, resume
     if resume_from is None:
         check_resume(run_dir, to_dict(cfg), FINETUNE_KEEP)  # before anything is written
     meta = _meta(cfg, store, model_dict, source, splits, in_chans=encoder.C)
-    if rt.world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     log.info("%s on %s: %s rows, %d classes, encoder %s, device %s (%s), world %d", cfg.protocol, store.url,
              splits.sizes(), store.num_classes, source or "random init", rt.device, rt.precision, rt.world.world_size)
 
     trainer_cls = LinearProbe if cfg.protocol == "linear" else FullTrainer
     trainer = trainer_cls(cfg, model, store, splits, rt)
+    if rt.world.is_main:  # only now: a config or data error above leaves no half-made run dir behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
     start, best, before = 0, {"val_top1": -math.inf, "epoch": -1}, {"wall_s": 0.0, "cpu_s": 0.0}
     partial = None
     resume = Path(resume_from) if resume_from is not None else _latest_checkpoint(run_dir)

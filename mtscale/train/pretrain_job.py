@@ -64,10 +64,6 @@ def _run(cfg: PretrainConfig, world: World, device: torch.device, backend: str, 
     geo = batch_geometry(tr, world.world_size)
     precision = resolve_precision(tr.precision, device.type)
     ds_config = deepspeed_config(tr, world_size=world.world_size, device_type=device.type, precision=precision)
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        _write_json(run_dir / "ds_config.json", ds_config)
     log.info("device %s, backend %s, precision %s, ZeRO %d, world %d, batch %d = %d x %d ranks x %d accum",
              device, backend, precision, tr.zero_stage, world.world_size, geo.global_batch_size,
              geo.micro_batch_size, world.world_size, geo.grad_accum_steps)
@@ -93,6 +89,10 @@ def _run(cfg: PretrainConfig, world: World, device: torch.device, backend: str, 
                     "heap on CPU here: benchmarks/README.md); running eager")
     cfg_dict = to_dict(cfg)
     layout = store.layout.name
+    if world.is_main:  # only now: a config or store error above leaves no half-made run dir behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        _write_json(run_dir / "ds_config.json", ds_config)
 
     client = ckpt.resume(engine, run_dir)
     start_step = 0

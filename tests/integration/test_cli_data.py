@@ -4,11 +4,19 @@ synthetic and real recordings, and the one-line errors on damaged stores."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return mtscale(*args, ok=False)
 
 
 def mtscale(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
@@ -123,3 +131,65 @@ def test_bad_record_counted_as_record_and_info_into_a_closed_pipe(tmp_path: Path
     shell = subprocess.run(f"'{sys.executable}' -m mtscale.cli info --json '{tmp_path / 'st'}' | head -n 1",
                            shell=True, capture_output=True, text=True, timeout=300)
     assert shell.stdout == "{\n" and shell.stderr == "", shell.stderr
+
+
+def _mount_tmpfs(where: Path, opts: str) -> bool:
+    import shutil as _sh
+
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not _sh.which("mount"):
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True).returncode == 0
+
+
+def test_read_only_and_full_disks_are_one_line_errors(tmp_path: Path) -> None:
+    """Issue 29, item 8: a read-only output and a full disk were tracebacks; now one line naming
+    the path and what to do, exit 2. (Real tmpfs mounts: needs root, as CI runs.)"""
+    raw = tmp_path / "raw"
+    r = _run("synth", "--out", str(raw), "--num-samples", "8", "--num-classes", "2", "--quiet")
+    assert r.returncode == 0, r.stderr
+    ro, full = tmp_path / "ro", tmp_path / "full"
+    if not (_mount_tmpfs(ro, "ro,size=1m") and _mount_tmpfs(full, "size=64k")):
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        for where, needle in ((ro, "Read-only file system, expected a writable location"),
+                              (full, "No space left on device, expected free disk space")):
+            r = _run("prepare", "--format", "ntu", "--input", str(raw), "--out", str(where / "store"), "--quiet")
+            assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
+        subprocess.run(["umount", str(full)], capture_output=True)
+
+
+def test_damaged_model_files_and_legacy_csv_are_one_line_errors(tmp_path: Path) -> None:
+    """Issue 29, item 8: a truncated / foreign --pretrained file, a garbled meta.json and a
+    Latin-1 labels.csv were tracebacks; a BOM labels.csv (spreadsheet export) failed on its header."""
+    import numpy as np
+
+    for name, enc in (("latin", "latin-1"), ("bom", "utf-8-sig")):
+        d = tmp_path / name
+        d.mkdir()
+        np.save(d / "a.npy", np.zeros((12, 25, 3), np.float32) + 0.1)
+        (d / "labels.csv").write_bytes("id,label,note\na,1,caf\xe9\n".encode(enc))
+    r = _run("prepare", "--format", "generic", "--input", str(tmp_path / "latin"), "--layout", "ntu25",
+             "--out", str(tmp_path / "s1"), "--quiet")
+    assert r.returncode == 2 and "labels.csv:2: byte 0xe9, which is not UTF-8" in r.stderr, r.stderr[-2000:]
+    r = _run("prepare", "--format", "generic", "--input", str(tmp_path / "bom"), "--layout", "ntu25",
+             "--out", str(tmp_path / "s2"), "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (tmp_path / "bad.safetensors").write_text("garbage")
+    fin = tmp_path / "fin"
+    fin.mkdir()
+    (fin / "meta.json").write_text("{bad")
+    (fin / "model.safetensors").write_text("x")
+    cfg = ROOT / "configs" / "finetune" / "tiny_cpu.yaml"
+    r = _run("finetune", "--config", str(cfg), "--set", f"data.store={tmp_path / 's2'}", "--set", "data.split=null",
+             "--set", f"run.dir={tmp_path / 'run'}", "--pretrained", str(tmp_path / "bad.safetensors"))
+    assert r.returncode == 2 and "bad.safetensors: not a readable safetensors file" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "run").exists()  # nothing half-written
+    r = _run("evaluate", "--checkpoint", str(fin), "--store", str(tmp_path / "s2"))
+    assert r.returncode == 2 and "meta.json: metadata that is not JSON" in r.stderr, r.stderr[-2000:]
+    r = _run("finetune", "--config", str(cfg), "--set", f"data.store={tmp_path / 's2'}", "--set", "train.lr=-1",
+             "--protocol", "scratch", "--set", f"run.dir={tmp_path / 'run2'}")
+    assert r.returncode == 2 and "train.lr: found -1.0, expected > 0" in r.stderr, r.stderr[-2000:]

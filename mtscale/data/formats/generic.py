@@ -42,6 +42,7 @@ sample has.
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,8 +94,14 @@ def list_units(input_path: str, layout: str | None = None) -> Listing:
         raise BadInputError(str(csv_path), None, "file not found", f"{LABELS} with header id,label[,...]")
     if layout is not None and layout not in LAYOUTS:
         raise BadInputError(input_path, None, f"layout {layout!r}", f"one of {sorted(LAYOUTS)}")
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
+    raw = csv_path.read_bytes()
+    try:  # UTF-8, with or without the byte-order mark spreadsheet programs write
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise BadInputError(str(csv_path), line, f"byte 0x{raw[e.start]:02x}, which is not UTF-8 text (Latin-1 or "
+                            "another legacy encoding?)", "UTF-8 (re-save the file as UTF-8)") from None
+    rows = list(csv.reader(io.StringIO(text, newline="")))
     if not rows:
         raise BadInputError(str(csv_path), 1, "empty file", "a header row id,label[,...]")
     header = [h.strip() for h in rows[0]]
