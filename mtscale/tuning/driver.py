@@ -204,14 +204,43 @@ def init_ray(cfg: TuneConfig, address: str | None) -> bool:
         return False
     address = address or cfg.ray.address
     if address:
-        ray.init(address=address, log_to_driver=True)
+        _check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, TimeoutError, RuntimeError) as e:
+            from mtscale.errors import ConfigError
+
+            raise ConfigError(f"--address: found {address!r}, which Ray could not reach ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:160] if str(e) else ''}); expected a running Ray head "
+                              "(ray start --head) or leave it out to start a local instance") from None
         log.info("connected to Ray at %s: %s", address, ray.cluster_resources())
         return True
-    ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
+    # "local": always a new instance of our own, whatever else runs here (a `ray start --head`,
+    # even a dead one whose address file stays behind, or RAY_ADDRESS would otherwise be joined,
+    # and Ray then refuses num_cpus / num_gpus); attaching to a cluster is what --address is for.
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
              object_store_memory=cfg.ray.object_store_memory,
              include_dashboard=cfg.ray.include_dashboard, dashboard_host="127.0.0.1")
     log.info("started a local Ray instance: %s", ray.cluster_resources())
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A ``HOST:PORT`` address must accept a TCP connection within ``timeout_s``: Ray itself keeps
+    retrying an unreachable head for minutes before it gives up with a traceback."""
+    import socket
+
+    from mtscale.errors import ConfigError
+
+    if address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--address: found {address!r}, which Ray could not reach ({e}); expected a running Ray "
+                          "head (ray start --head) or leave it out to start a local instance") from None
 
 
 def experiment_exists(experiment_dir: str) -> bool:
