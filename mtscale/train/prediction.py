@@ -72,10 +72,11 @@ def iter_samples(files: list[str], fmt: str | None, meta: dict[str, Any]) -> Ite
             raise BadInputError(f, None, "excluded by the reader (e.g. a published missing-skeleton sample)",
                                 "a readable recording")
         for unit in listing.units:
+            where = getattr(unit, "npy_path", None) or f  # a folder (generic format): each sample's own file
             for sample in reader.read_unit(unit):
                 if isinstance(sample, BadInputError):  # a bad record of a many-record file
                     raise sample
-                yield f, sample
+                yield where, sample
 
 
 @torch.no_grad()

@@ -87,3 +87,29 @@ def test_predict_errors_are_one_line(checkpoint, ucla_dir):
     assert r.returncode == 2 and "kinect_v1_20" in r.stderr and "Traceback" not in r.stderr
     r = _cli("predict", "--checkpoint", str(checkpoint.parent / "nope"), str(f))
     assert r.returncode == 2 and "no classifier checkpoint" in r.stderr
+
+
+def test_predict_on_a_generic_folder_names_each_sample(tmp_path):
+    """Issue 29, item 11: on a generic-format folder every row named the folder; now each row
+    names the sample's own .npy file (and its id)."""
+    d = tmp_path / "gen"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    rows = ["id,label"]
+    for i in range(24):
+        np.save(d / f"s{i}.npy", (rng.normal(size=(20, 25, 3)) * 0.1 + (i % 2)).astype(np.float32))
+        rows.append(f"s{i},{i % 2}")
+    (d / "labels.csv").write_text("\n".join(rows) + "\n")
+    r = _cli("prepare", "--format", "generic", "--input", str(d), "--layout", "ntu25", "--out", str(tmp_path / "st"),
+             "--quiet")
+    assert r.returncode == 0, r.stderr
+    cfg = load_config(FinetuneConfig, ROOT / "configs" / "finetune" / "tiny_cpu.yaml", [
+        f"data.store={tmp_path / 'st'}", f"run.dir={tmp_path / 'run'}", "protocol=scratch", "epochs=1",
+        "run.progress=false", "run.tensorboard=false", "train.batch_size=8", "keep_best=false", "test_part=null",
+        "data.split=null", "data.num_bodies=1", "val_fraction=0.0", "val_group=null"])
+    run_finetune(cfg)
+    r = _cli("predict", "--checkpoint", str(tmp_path / "run"), "--format", "generic", str(d), "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert sorted(Path(x["file"]).name for x in out) == sorted(f"s{i}.npy" for i in range(24))
+    assert all(Path(x["file"]).stem == x["sample_id"] for x in out)
