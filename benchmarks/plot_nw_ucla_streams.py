@@ -1,0 +1,60 @@
+"""NW-UCLA: each input stream trained from scratch and the ensembles of their softmax scores,
+as one bar chart (benchmarks/README.md, "Input streams"; issue 27).
+
+The run directories are not kept, so the measured values are recorded here with their date;
+rerun the commands in benchmarks/README.md to reproduce them, then re-draw:
+
+    python benchmarks/plot_nw_ucla_streams.py --out benchmarks/nw_ucla_streams.png
+
+Protocol: views 1+2 -> view 3 (464 clips), configs/finetune/nw_ucla.yaml from scratch
+(``--protocol scratch --set layer_decay=1.0``), seed 0, whole-take validation, last epoch, one clip.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+# 2026-12-06, AMD EPYC 2-core VM, torch 2.13.0+cpu, ~1,000 CPU-s per stream
+STREAMS = {"joint": 81.9, "bone": 71.3, "joint_motion": 80.8, "bone_motion": 71.1}
+ENSEMBLES = {
+    "joint + bone\n(auto weights)": 78.0,
+    "joint + bone\n(equal weights)": 84.5,
+    "4 streams\n(auto weights)": 88.4,
+    "4 streams\n(equal weights)": 88.4,
+}
+REFERENCE = {"ST-GCN reference (benchmarks/ref_gcn_nw_ucla.py)": 91.2, "issue 27 target (pre-trained, 4 streams)": 94.5}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(Path(__file__).with_name("nw_ucla_streams.png")))
+    a = ap.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(STREAMS) + list(ENSEMBLES)
+    values = list(STREAMS.values()) + list(ENSEMBLES.values())
+    colors = ["tab:blue"] * len(STREAMS) + ["tab:orange"] * len(ENSEMBLES)
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    bars = ax.bar(range(len(names)), values, color=colors)
+    for b, v in zip(bars, values):
+        ax.text(b.get_x() + b.get_width() / 2, v + 0.3, f"{v:.1f}", ha="center", va="bottom", fontsize=9)
+    for (label, y), style in zip(REFERENCE.items(), ("--", ":")):
+        ax.axhline(y, color="grey", linestyle=style, linewidth=1)
+        ax.text(len(names) - 0.5, y + 0.3, label, ha="right", va="bottom", fontsize=8, color="dimgrey")
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_ylim(60, 100)
+    ax.set_ylabel("test top-1 on view 3 (%)")
+    ax.set_title("NW-UCLA from scratch, seed 0: single streams (blue) and softmax ensembles (orange)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(a.out, dpi=120)
+    print(a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
