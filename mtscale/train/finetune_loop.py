@@ -117,7 +117,7 @@ def _run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None, resume
         return {"wall_s": before["wall_s"] + time.perf_counter() - t0,
                 "cpu_s": before["cpu_s"] + time.process_time() - c0}
 
-    logger = _MetricsLog(run_dir, rt.world.is_main and cfg.run.tensorboard, rt.world.is_main)
+    logger = _MetricsLog(run_dir, rt.world.is_main and cfg.run.tensorboard, rt.world.is_main, first_epoch=start)
     last_ckpt = resume
     metrics: dict[str, float] = {}
     for epoch in range(start, cfg.epochs):
@@ -133,13 +133,14 @@ def _run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None, resume
         improved = metrics.get("val_top1", -math.inf) > best["val_top1"] or best["epoch"] < 0
         if improved:
             best = {"val_top1": metrics.get("val_top1", math.nan), "epoch": epoch}
+        logger.write(metrics)  # before the checkpoint: a kill in between re-runs the epoch, and the
+        # resumed log drops the rows from the resume epoch on (no row is ever missing or doubled)
         last_ckpt = _save_epoch(run_dir, epoch, model, trainer, meta, metrics, best, rt, cfg.train.keep_checkpoints,
                                 elapsed())
         if improved and cfg.keep_best and rt.world.is_main:
             _copy_dir(last_ckpt, run_dir / "best", drop=(STATE,))
         if rt.world.is_main:  # the epoch is complete: its interrupted part is superseded
             shutil.rmtree(run_dir / "checkpoints" / f"epoch_{epoch:04d}{PARTIAL}", ignore_errors=True)
-        logger.write(metrics)
         if on_epoch is not None and rt.world.is_main:
             on_epoch(epoch, dict(metrics), last_ckpt)
         if epoch + 1 < cfg.epochs and all_reduce_flag(stop.raised, rt.device):
@@ -398,13 +399,19 @@ def _write_scores(cfg: FinetuneConfig, store: Store, run_dir: Path, folder: Path
 class _MetricsLog:
     """``metrics.jsonl`` (+ TensorBoard) on rank 0."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool):
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool, first_epoch: int = 0):
         self.enabled, self.path, self.tb = enabled, run_dir / "metrics.jsonl", None
+        if enabled and self.path.is_file():  # a resumed run: keep the rows of the epochs before it
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("epoch", 0) < first_epoch]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            tmp.replace(self.path)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tb"))
+                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=first_epoch or None)
             except ImportError:  # pragma: no cover - tensorboard is a dependency
                 log.warning("tensorboard not installed: metrics go to metrics.jsonl only")
 

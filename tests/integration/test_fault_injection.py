@@ -187,6 +187,11 @@ def test_finetune_killed_anywhere_resumes_to_the_same_model(reference_store, ref
     _run(cmd)
     a, b = (json.loads((d / "results.json").read_text()) for d in (ref, run_dir))
     assert b["test_top1"] == pytest.approx(a["test_top1"], abs=1e-6)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]  # one row per epoch: none missing, none doubled
+    for ra, rb in zip(ref_rows, rows):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-5, abs=1e-7)
     wa, wb = (load_file(str(d / "final" / "model.safetensors")) for d in (ref, run_dir))
     for k in wa:
         np.testing.assert_allclose(wb[k].numpy(), wa[k].numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
