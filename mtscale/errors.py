@@ -38,6 +38,14 @@ class StoreError(MtscaleError):
 class NonFiniteLossError(MtscaleError):
     """Training produced a non-finite loss; the message names the step and the batch's samples."""
 
+    @classmethod
+    def of_batch(cls, where: str, loss: float, rows: list[int], whose: str = "") -> NonFiniteLossError:
+        """The one message of pre-training and fine-tuning: ``where`` (step / epoch and micro-batch),
+        the loss, and the batch's store rows (``whose``: e.g. "on rank 1 ")."""
+        more = " ..." if len(rows) > 16 else ""
+        return cls(f"{where}: loss is {loss}, expected a finite value; the batch {whose}held sample rows "
+                   f"{rows[:16]}{more} (check the data with `mtscale verify`, or lower train.lr)")
+
 
 USER_OS_ERRNOS = {"EACCES", "EPERM", "EROFS", "ENOSPC", "EDQUOT", "ENOENT", "EISDIR", "ENOTDIR"}
 """File-system failures a user fixes (permissions, a read-only or full disk, a missing path),

@@ -45,7 +45,7 @@ from mtscale.train.inference import Runtime, classifier_forward, score_rows, set
 from mtscale.train.metrics import (append_results_md, classification_metrics, confusion_matrix, hardware_summary,
                                    mean_std, results_row, save_confusion)
 from mtscale.train.loop import StopFlag
-from mtscale.train.rundir import FINETUNE_KEEP, check_resume, check_run_dir
+from mtscale.train.rundir import FINETUNE_KEEP, check_resume, check_run_dir, write_json
 from mtscale.train.scores import sample_ids, scores_file, write_scores
 from mtscale.train.trainers import FullTrainer, LinearProbe
 
@@ -151,7 +151,7 @@ def _run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None, resume
     result.update(**elapsed(), seed=seed)  # all segments of a resumed run (rank 0's process)
     if rt.world.is_main:
         (run_dir / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
-        _write_status(run_dir, {"state": "finished", "epoch": cfg.epochs})
+        write_json(run_dir / "status.json", {"state": "finished", "epoch": cfg.epochs})
         append_results_md(run_dir / "results.md", results_row(
             protocol=_protocol_name(cfg), store=cfg.data.store, split=f"{cfg.data.split}/{cfg.test_part}",
             label_fraction=cfg.data.label_fraction, seeds=[seed], val_top1=[result.get("val_top1", math.nan)],
@@ -279,7 +279,7 @@ def _preempted(run_dir: Path, epoch: int, model: torch.nn.Module, trainer: Any, 
     status = {"state": "preempted", "epoch": epoch, "signal": getattr(stop, "signum", None),
               "micro_batch": partial["micro"] if partial else 0, "checkpoint": str(out) if out else None}
     if rt.world.is_main:
-        _write_status(run_dir, status)
+        write_json(run_dir / "status.json", status)
     if rt.distributed:
         dist.barrier()
     log.warning("preempted: checkpointed in epoch %d (%s); run the same command again to resume", epoch,
@@ -306,12 +306,6 @@ def _save_epoch(run_dir: Path, epoch: int, model: torch.nn.Module, trainer: Any,
     if rt.distributed:
         dist.barrier()
     return out
-
-
-def _write_status(run_dir: Path, status: dict[str, Any]) -> None:
-    tmp = run_dir / "status.json.tmp"
-    tmp.write_text(json.dumps(status, indent=2) + "\n")
-    tmp.replace(run_dir / "status.json")
 
 
 def _restore_rng(rng: dict | None) -> None:

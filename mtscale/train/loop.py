@@ -160,8 +160,6 @@ def run_steps(
     (and all-reduced) once per ``log_every`` window. A non-finite loss anywhere in a window stops
     the run with :class:`NonFiniteLossError` naming its first step and that step's sample ids, before
     any checkpoint of the poisoned weights is written."""
-    import torch.distributed as dist
-
     bar = None
     if progress and world.is_main:
         from tqdm import tqdm
@@ -189,7 +187,9 @@ def run_steps(
             throughput.add(global_batch)
             window.append((step, loss_sum, ids))
             logging_now = step % log_every == 0 or step == max_steps or step == start_step + 1
-            if logging_now or step % ckpt_every == 0:
+            stopping = step % check_every == 0 and all_reduce_flag(stop.raised, device)
+            saving = step % ckpt_every == 0 or stopping
+            if logging_now or saving:  # never checkpoint weights that a non-finite loss may have poisoned
                 last_loss = _check_window(window, accum, world)
                 window = []
             if logging_now:
@@ -204,19 +204,13 @@ def run_steps(
                                     mfu=f"{row.get('mfu', float('nan')):.2%}")
             if bar is not None:
                 bar.update(1)
-            stopping = step % check_every == 0 and all_reduce_flag(stop.raised, device)
-            if step % ckpt_every == 0 or stopping:
-                if window:  # never checkpoint weights that a non-finite loss may have poisoned
-                    last_loss = _check_window(window, accum, world)
-                    window = []
+            if saving:
                 save_ckpt(step)
                 last_saved = step
             if stopping:
                 log.warning("signal %s: checkpointed at step %d, stopping", stop.signum, step)
                 return LoopResult(step, stop.signum or -1, last_loss)
-        if window:
-            last_loss = _check_window(window, accum, world)
-        if last_saved != step:
+        if last_saved != step:  # (the last step always logs, so its window is checked)
             save_ckpt(step)
         return LoopResult(step, None, last_loss)
     finally:
@@ -244,10 +238,7 @@ def _check_window(window: list[tuple[int, torch.Tensor, list[torch.Tensor]]], ac
         i = int(bad[0])
         step, _, ids = window[i]
         sample_ids = torch.cat([t.reshape(-1).cpu() for t in ids]).tolist()
-        raise NonFiniteLossError(
-            f"step {step}: loss is {float(losses[i])}, expected a finite value; the batch on rank {world.rank} held "
-            f"sample rows {sample_ids[:16]}{' ...' if len(sample_ids) > 16 else ''} (check the data with "
-            "`mtscale verify`, or lower train.lr)")
+        raise NonFiniteLossError.of_batch(f"step {step}", float(losses[i]), sample_ids, f"on rank {world.rank} ")
     return float(losses[-1])
 
 

@@ -8,11 +8,8 @@ Run directory (``run.dir``): ``config.yaml`` (resolved), ``ds_config.json``, ``m
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -22,15 +19,9 @@ from mtscale.errors import ConfigError
 from mtscale.train import checkpoint as ckpt
 from mtscale.train.engine import DTYPES, batch_geometry, build_engine, deepspeed_config, resolve_precision
 from mtscale.train.loop import MetricsWriter, StopFlag, Throughput, plot_loss, run_steps, setup_logging
-from mtscale.train.rundir import EXIT_PREEMPTED, PRETRAIN_KEEP, check_resume, check_run_dir
+from mtscale.train.rundir import EXIT_PREEMPTED, PRETRAIN_KEEP, check_resume, check_run_dir, write_json
 
 log = logging.getLogger(__name__)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
 
 
 def run_pretrain(cfg: PretrainConfig, world: World | None = None) -> int:
@@ -92,7 +83,7 @@ def _run(cfg: PretrainConfig, world: World, device: torch.device, backend: str, 
     if world.is_main:  # only now: a config or store error above leaves no half-made run dir behind
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        _write_json(run_dir / "ds_config.json", ds_config)
+        write_json(run_dir / "ds_config.json", ds_config)
 
     client = ckpt.resume(engine, run_dir)
     start_step = 0
@@ -149,7 +140,7 @@ def _run(cfg: PretrainConfig, world: World, device: torch.device, backend: str, 
                 out = ckpt.export_encoder(run_dir, run_dir / "encoder.safetensors")
                 log.info("exported encoder to %s", out)
             plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
-        _write_json(run_dir / "status.json", status)
+        write_json(run_dir / "status.json", status)
     barrier()
     log.info("%s at step %d (loss %.4f)", status["state"], result.step, result.last_loss)
     if result.stopped_by_signal is not None:

@@ -19,6 +19,7 @@ checkpoint (run the same command again to resume), 1 an internal error.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +95,10 @@ def check_resume(run_dir: Path, new: dict[str, Any], keep: tuple[str, ...]) -> N
         if a != b and a is not None:
             raise ConfigError(f"{dotted}: found {b!r}, but the run in {run_dir} was started with {a!r}; expected "
                               "the same to resume it (or a new run.dir)")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """A run-dir JSON file (``status.json``, ``ds_config.json``), written beside and renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)

@@ -85,11 +85,8 @@ def _check_finite(losses: list[Tensor], ids: list[Tensor], epoch: int, first_mic
         from mtscale.errors import NonFiniteLossError
 
         k = int(bad[0])
-        rows = ids[k].reshape(-1).cpu().tolist()
-        raise NonFiniteLossError(f"epoch {epoch}, micro-batch {first_micro + k}: loss is {float(losses[k])}, expected "
-                                 f"a finite value; the batch held sample rows {rows[:16]}"
-                                 f"{' ...' if len(rows) > 16 else ''} (check the data with `mtscale verify`, or "
-                                 "lower train.lr)")
+        raise NonFiniteLossError.of_batch(f"epoch {epoch}, micro-batch {first_micro + k}", float(losses[k]),
+                                          ids[k].reshape(-1).cpu().tolist())
 
 
 def _val_metrics(logits_NK: np.ndarray, labels_N: np.ndarray) -> dict[str, float]:
