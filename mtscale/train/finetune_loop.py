@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from mtscale.config import FinetuneConfig, save_config, to_dict
+from mtscale.config import FinetuneConfig, to_dict
 from mtscale.data.store import Store
 from mtscale.dist import all_reduce_flag
 from mtscale.errors import ConfigError
@@ -45,7 +45,7 @@ from mtscale.train.inference import Runtime, classifier_forward, score_rows, set
 from mtscale.train.metrics import (append_results_md, classification_metrics, confusion_matrix, hardware_summary,
                                    mean_std, results_row, save_confusion)
 from mtscale.train.loop import StopFlag
-from mtscale.train.rundir import FINETUNE_KEEP, check_resume, check_run_dir, write_json
+from mtscale.train.rundir import FINETUNE_KEEP, check_resume, check_run_dir, start_run_dir, write_json
 from mtscale.train.scores import sample_ids, scores_file, write_scores
 from mtscale.train.trainers import FullTrainer, LinearProbe
 
@@ -105,8 +105,7 @@ def _run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None, resume
     trainer_cls = LinearProbe if cfg.protocol == "linear" else FullTrainer
     trainer = trainer_cls(cfg, model, store, splits, rt)
     if rt.world.is_main:  # only now: a config or data error above leaves no half-made run dir behind
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        start_run_dir(run_dir, cfg)
     start, best, before = 0, {"val_top1": -math.inf, "epoch": -1}, {"wall_s": 0.0, "cpu_s": 0.0}
     partial = None
     resume = Path(resume_from) if resume_from is not None else _latest_checkpoint(run_dir)

@@ -13,13 +13,13 @@ import time
 
 import torch
 
-from mtscale.config import PretrainConfig, save_config, to_dict
+from mtscale.config import PretrainConfig, to_dict
 from mtscale.dist import World, barrier, init_distributed, select_device, shutdown
 from mtscale.errors import ConfigError
 from mtscale.train import checkpoint as ckpt
 from mtscale.train.engine import DTYPES, batch_geometry, build_engine, deepspeed_config, resolve_precision
 from mtscale.train.loop import MetricsWriter, StopFlag, Throughput, plot_loss, run_steps, setup_logging
-from mtscale.train.rundir import EXIT_PREEMPTED, PRETRAIN_KEEP, check_resume, check_run_dir, write_json
+from mtscale.train.rundir import EXIT_PREEMPTED, PRETRAIN_KEEP, check_resume, check_run_dir, start_run_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,7 @@ def _run(cfg: PretrainConfig, world: World, device: torch.device, backend: str, 
     cfg_dict = to_dict(cfg)
     layout = store.layout.name
     if world.is_main:  # only now: a config or store error above leaves no half-made run dir behind
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        start_run_dir(run_dir, cfg)
         write_json(run_dir / "ds_config.json", ds_config)
 
     client = ckpt.resume(engine, run_dir)

@@ -3,8 +3,9 @@
 A run directory holds one run's resolved ``config.yaml`` and its outputs (metrics, checkpoints,
 exported weights). Two rules keep a run's folder truthful, checked before anything is written:
 
-* ``run.dir`` must name a new folder, an empty one, or an mtscale run (``config.yaml`` beside
-  one of ``RUN_MARKERS``): an empty
+* ``run.dir`` must name a new folder, an empty one, or an mtscale run (one holding ``RUN_MARK``,
+  the first file a run writes, or, for runs made before it existed, ``config.yaml`` beside one
+  of ``RUN_MARKERS``): an empty
   ``--set run.dir=`` used to write the run into the current directory, overwriting a
   ``config.yaml`` and ``metrics.jsonl`` that were there.
 * a run that resumes keeps the fields that decide what its checkpoints contain (the model,
@@ -29,6 +30,10 @@ from mtscale.errors import ConfigError
 
 EXIT_PREEMPTED = 75
 """A run stopped by a signal after checkpointing (EX_TEMPFAIL: try again; SLURM templates requeue)."""
+
+RUN_MARK = ".mtscale-run"
+"""Written into a run directory before anything else (``start_run_dir``): a run killed before
+its first checkpoint (only ``config.yaml`` there) is still recognised and resumed, not refused."""
 
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "status.json", "results.json", "ds_config.json")
 
@@ -63,7 +68,17 @@ def check_run_dir(path: str | Path, field: str = "run.dir") -> Path:
 
 
 def is_run_dir(p: Path) -> bool:
-    return (p / "config.yaml").is_file() and any((p / m).exists() for m in RUN_MARKERS)
+    return (p / RUN_MARK).is_file() or ((p / "config.yaml").is_file() and any((p / m).exists() for m in RUN_MARKERS))
+
+
+def start_run_dir(run_dir: Path, cfg: Any) -> None:
+    """Make ``run_dir`` a run: the mark first, then the resolved ``config.yaml`` (atomically),
+    so a kill at any moment leaves a folder that the same command resumes."""
+    from mtscale.config import save_config
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_MARK).write_text("an mtscale run directory: run the same command again to resume it\n")
+    save_config(cfg, run_dir / "config.yaml")
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:
@@ -78,7 +93,7 @@ def check_resume(run_dir: Path, new: dict[str, Any], keep: tuple[str, ...]) -> N
     """Refuse (before anything is written) a resume of ``run_dir`` whose resolved config ``new``
     differs from the saved one in a field of ``keep``; names the first differing field."""
     saved_file = run_dir / "config.yaml"
-    if not is_run_dir(run_dir):
+    if not is_run_dir(run_dir) or not saved_file.is_file():  # killed before its config: nothing to keep
         return
     saved = yaml.safe_load(saved_file.read_text()) or {}
     for dotted in keep:

@@ -13,3 +13,21 @@ def test_resume_rules(tmp_path):
         check_resume(d, {"model": {"size": "small"}, "train": {"seed": 0}}, ("model", "train.seed"))
     with pytest.raises(ConfigError, match="train.seed: found 1"):
         check_resume(d, {"model": {"size": "tiny"}, "train": {"seed": 1}}, ("model", "train.seed"))
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_resumable_and_a_foreign_config_is_not(tmp_path):
+    from mtscale.train.rundir import RUN_MARK, is_run_dir, start_run_dir
+
+    foreign = tmp_path / "mine"; foreign.mkdir()
+    (foreign / "config.yaml").write_text("lr: 1\n")  # somebody's own config.yaml, no run
+    with pytest.raises(ConfigError, match="not an mtscale run"):
+        check_run_dir(foreign)
+    run = tmp_path / "run"
+    start_run_dir(run, {"model": {"size": "tiny"}, "train": {"seed": 0}})
+    assert (run / RUN_MARK).is_file() and yaml.safe_load((run / "config.yaml").read_text())["train"]["seed"] == 0
+    assert is_run_dir(run) and check_run_dir(run) == run  # only the mark and config.yaml: still a run
+    with pytest.raises(ConfigError, match="train.seed: found 1"):
+        check_resume(run, {"model": {"size": "tiny"}, "train": {"seed": 1}}, ("model", "train.seed"))
+    (run / "config.yaml").unlink()  # killed between the mark and the config: resumable, nothing to compare
+    assert check_run_dir(run) == run
+    check_resume(run, {"model": {"size": "small"}, "train": {"seed": 1}}, ("model", "train.seed"))
