@@ -104,7 +104,7 @@ def run_mtscale(store: str, batch: int, clip: int, max_samples: int, shuffle_buf
     """Child process body: iterate the loader, augment on CPU, report rates and peak RSS."""
     from mtscale.config import AugmentConfig, DataConfig
     from mtscale.data.loader import build_loader
-    from mtscale.runtime import tune_malloc
+    from mtscale.malloc import tune_malloc
 
     single_core()
     tune_malloc()  # as in every process mtscale runs (its CLI, entry points and loader workers)
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                                      zarr_reads=a.zarr_reads)))
         return 0
 
-    from mtscale.runtime import tune_malloc
+    from mtscale.malloc import tune_malloc
 
     tune_malloc()  # the references (2), (3) run under the same process settings as (1)
     tmp = None

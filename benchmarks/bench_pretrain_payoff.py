@@ -57,7 +57,7 @@ def sh(args: list[str], log: Path) -> float:
 
 def finetune(name: str, work: Path, store: str, model: list[str], sets: list[str]) -> dict:
     from mtscale.config import FinetuneConfig, load_config
-    from mtscale.train.finetune_loop import run_finetune
+    from mtscale.train.finetune import run_finetune
 
     cfg = load_config(FinetuneConfig, ROOT / "configs" / "finetune" / "tiny_cpu.yaml",
                       [f"data.store={store}", f"run.dir={work / name}", "run.progress=false",

@@ -145,7 +145,7 @@ def _forward_recording(model: Any, x: Any, mask: Any, keys: Any, autocast: Any =
 def check_pretrain_targets(ctx: Ctx) -> str:
     """bf16 must not reach the pre-training targets: ``PretrainModel.forward`` in the two bf16
     modes of the trainer -- bf16 parameters (DeepSpeed bf16, ZeRO 1-3) and fp32 parameters
-    under bf16 autocast (ZeRO-0) -- fed the fp32 clip as ``pretrain_job``'s step does, must
+    under bf16 autocast (ZeRO-0) -- fed the fp32 clip as ``mtscale.train.pretrain``'s step does, must
     derive the masked-motion targets and the motion-aware mask exactly as in fp32 (a bf16 clip
     puts ~30 % error in the normalised motion target). Runs in bf16 on any device."""
     import copy
@@ -178,7 +178,7 @@ def check_pretrain_targets(ctx: Ctx) -> str:
             bad.append(f"{name}: loss {r['loss']:.4f} vs fp32 {ref['loss']:.4f}")
         parts.append(f"{name}: targets + mask exact, loss {100 * dloss:.2f} % off fp32")
     expect(not bad, "; ".join(bad))
-    return "; ".join(parts) + " (fp32 clip in, as pretrain_job feeds it)"
+    return "; ".join(parts) + " (fp32 clip in, as the pre-training step feeds it)"
 
 
 # --------------------------------------------------------------------------- checks: training runs
@@ -387,9 +387,9 @@ def pretrain_child(out_json: str, argv: list[str]) -> int:
     from mtscale import pretrain
     from mtscale.errors import MtscaleError
     from mtscale.models.objectives import PretrainModel
-    from mtscale.train import pretrain_job
+    from mtscale.train import pretrain as pretrain_run
 
-    build, targets = pretrain_job.build_engine, PretrainModel.targets
+    build, targets = pretrain_run.build_engine, PretrainModel.targets
     rank0 = int(os.environ.get("RANK", "0")) == 0
     record: dict[str, Any] = {}
     clip_dtypes: set[str] = set()
@@ -403,7 +403,7 @@ def pretrain_child(out_json: str, argv: list[str]) -> int:
         clip_dtypes.add(str(x.dtype).removeprefix("torch."))
         return targets(self, x, mask)
 
-    pretrain_job.build_engine, PretrainModel.targets = build_and_record, targets_recorded
+    pretrain_run.build_engine, PretrainModel.targets = build_and_record, targets_recorded
     try:
         rc = pretrain.main(argv)
     except MtscaleError as e:

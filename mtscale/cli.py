@@ -209,9 +209,9 @@ def _silence_stdout() -> None:
 
 
 def _main(argv: list[str] | None) -> int:
-    from mtscale.runtime import tune_malloc
+    from mtscale.malloc import tune_malloc
 
-    tune_malloc()  # this process is ours (mtscale.runtime)
+    tune_malloc()  # this process is ours (mtscale.malloc)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in FORWARDED:
         import importlib

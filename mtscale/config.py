@@ -436,11 +436,9 @@ def load_config(cls: type[T], path: str | Path | None = None, sets: list[str] | 
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(p)
+    from mtscale.files import atomic_write
+
+    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # --------------------------------------------------------------------------- fine-tuning
@@ -448,7 +446,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 @dataclass
 class FinetuneConfig:
-    """Supervised training of a classifier on an encoder (see mtscale/train/finetune_loop.py).
+    """Supervised training of a classifier on an encoder (see mtscale/train/finetune.py).
 
     One loop, four protocols: ``finetune`` (pre-trained encoder, all weights train),
     ``linear`` (frozen pre-trained encoder, a linear head on standardised cached features),

@@ -253,9 +253,11 @@ def deepspeed_env(world: World, device: "torch.device") -> dict[str, str]:  # no
     return env
 
 
-def init_distributed(world: World, device: "torch.device", timeout_s: float = 1800.0) -> str:  # noqa: F821
-    """Initialise torch.distributed (also for one process: DeepSpeed needs a process group) and
-    DeepSpeed's comm layer on top of it. Returns the backend name (gloo or nccl)."""
+def init_distributed(world: World, device: "torch.device", timeout_s: float = 1800.0,  # noqa: F821
+                     with_deepspeed: bool = True) -> str:
+    """The one process-group set-up of mtscale: torch.distributed (gloo on CPU, nccl on CUDA;
+    also for one process when ``with_deepspeed``: DeepSpeed needs a group) and, with
+    ``with_deepspeed``, DeepSpeed's comm layer on top of it. Returns the backend name."""
     import torch.distributed as dist
 
     if world.world_size == 1 and world.launcher == "none":
@@ -267,6 +269,9 @@ def init_distributed(world: World, device: "torch.device", timeout_s: float = 18
             backend=backend, init_method=f"tcp://{world.master_addr}:{world.master_port}",
             rank=world.rank, world_size=world.world_size, timeout=timedelta(seconds=timeout_s),
         )
+    if not with_deepspeed:
+        log.info("rank %d/%d via %s: %s on %s", world.rank, world.world_size, world.launcher, backend, device)
+        return backend
     import deepspeed
 
     if device.type == "cpu":

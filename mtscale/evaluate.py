@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     from mtscale.dist import World
-    from mtscale.train.inference import evaluate_checkpoint
-    from mtscale.train.loop import setup_logging
+    from mtscale.train.evaluate import evaluate_checkpoint
+    from mtscale.train.runtime import setup_logging
 
     world = World.from_env()
     setup_logging(world)

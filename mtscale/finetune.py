@@ -5,7 +5,7 @@
     deepspeed --num_gpus 8 mtscale/finetune.py --config configs/finetune/ntu60_xsub.yaml --pretrained ...
     python -m mtscale.finetune --config ... --set train.lr=5e-4 --set data.label_fraction=0.1
 
-Parses, builds the config, calls ``run_seeds`` (logic: ``mtscale/train/finetune_loop.py``).
+Parses, builds the config, calls ``run_seeds`` (logic: ``mtscale/train/finetune.py``).
 """
 
 from __future__ import annotations
@@ -16,15 +16,6 @@ import sys
 
 from mtscale.config import FinetuneConfig, load_config
 from mtscale.errors import ConfigError
-
-
-def __getattr__(name: str):
-    """``from mtscale.finetune import run_finetune, run_seeds`` (the Python API; imported lazily)."""
-    if name in ("run_finetune", "run_seeds"):
-        from mtscale.train import finetune_loop
-
-        return getattr(finetune_loop, name)
-    raise AttributeError(name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,8 +51,8 @@ def parse_config(argv: list[str] | None) -> tuple[FinetuneConfig, argparse.Names
 def main(argv: list[str] | None = None) -> int:
     cfg, a = parse_config(argv)
     from mtscale.dist import World
-    from mtscale.train.finetune_loop import run_seeds
-    from mtscale.train.loop import setup_logging
+    from mtscale.train.finetune import run_seeds
+    from mtscale.train.runtime import setup_logging
 
     world = World.from_env()
     setup_logging(world)  # rank-prefixed; INFO on rank 0 only

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    from mtscale.train.prediction import format_table, predict_files
+    from mtscale.train.predict import format_table, predict_files
 
     rows = predict_files(a.checkpoint, a.files, fmt=a.format, topk=a.topk, device=a.device)
     print(json.dumps(rows, indent=2, allow_nan=False) if a.json else format_table(rows))  # valid JSON or an error

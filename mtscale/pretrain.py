@@ -7,7 +7,7 @@
 
 On CPU the deepspeed launcher needs ``--num_gpus N`` (processes per node; there are no GPUs)
 and ``DS_ACCELERATOR=cpu`` is best set explicitly. A rerun with the same ``run.dir`` resumes
-from its latest checkpoint. Run outputs are described in ``mtscale.train.pretrain_job``.
+from its latest checkpoint. Run outputs are described in ``mtscale.train.pretrain``.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mtscale.config import PretrainConfig, load_config
-    from mtscale.runtime import tune_malloc
+    from mtscale.malloc import tune_malloc
 
-    tune_malloc()  # this process is ours (mtscale.runtime)
+    tune_malloc()  # this process is ours (mtscale.malloc)
 
     cfg = load_config(PretrainConfig, args.config, args.sets)
     if args.print_config:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         print(json.dumps(deepspeed_config(cfg.train, world_size=world.world_size, device_type=device_type), indent=2))
         return 0
-    from mtscale.train.pretrain_job import run_pretrain
+    from mtscale.train.pretrain import run_pretrain
 
     return run_pretrain(cfg)
 

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mtscale.files import atomic_write
 from mtscale.errors import ConfigError, MtscaleError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,10 +79,7 @@ class Pipeline:
         return json.loads(f.read_text()) if f.is_file() else None
 
     def _mark(self, stage: str, info: dict) -> dict:
-        self.done_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.done_dir / f"{stage}.json.tmp"
-        tmp.write_text(json.dumps(info, indent=2, default=str))
-        tmp.replace(self.done_dir / f"{stage}.json")
+        atomic_write(self.done_dir / f"{stage}.json", json.dumps(info, indent=2, default=str))
         return info
 
     def _run(self, stage: str, cmd: list[str], env: dict | None = None) -> None:

@@ -77,7 +77,7 @@ from mtscale.data.order import (
 from mtscale.data.streams import apply_stream
 from mtscale.data.subsets import label_fraction_subset
 from mtscale.errors import ConfigError
-from mtscale.runtime import tune_malloc
+from mtscale.malloc import tune_malloc
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ class ClipDataset(IterableDataset):
         remaining = len(order) - self.consumed
         if info is not None:  # blosc threads in every worker would oversubscribe the cores
             _blosc_single_thread()
-            tune_malloc()  # the worker process is ours: reuse freed batch buffers (mtscale.runtime)
+            tune_malloc()  # the worker process is ours: reuse freed batch buffers (mtscale.malloc)
         arenas: dict = {}
         batches = worker_batches(remaining, self.batch_size, self.drop_last, worker, num_workers)
         need = None

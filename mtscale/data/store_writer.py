@@ -26,6 +26,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 import mtscale
+from mtscale.files import atomic_write
 from mtscale.data.layouts import get_layout
 from mtscale.data.manifest import build_manifest, checksum_bytes, clean_fields, concat_manifests, count_bodies
 from mtscale.data.store import (FRAMES, MANIFEST, REPORT, SCHEMA_VERSION, Store, is_local, join, store_exists,
@@ -290,11 +291,7 @@ class StoreWriter:
     def _write_bytes(self, path: str, data: bytes) -> None:
         """Write a small file atomically (temp + rename on local disks)."""
         if self._local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = path + ".tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            atomic_write(path, data)
         else:
             self._fs.pipe_file(path, data)
 

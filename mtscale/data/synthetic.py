@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from mtscale.files import atomic_write
 from mtscale.data import body_model as bm
 
 log = logging.getLogger(__name__)
@@ -292,10 +293,7 @@ def _write_range(args: tuple) -> tuple[int, int]:
     n_bytes = 0
     for stem, data in render_chunk(range(start, stop), num_classes, seed, min_frames, max_frames, posture):
         path = os.path.join(out_dir, stem + ".skeleton")
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
+        atomic_write(path, data)
         n_bytes += len(data)
     return stop - start, n_bytes
 

@@ -19,15 +19,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import random
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 
+from mtscale.files import atomic_path, atomic_write
 from mtscale.errors import BadInputError, ConfigError
+from mtscale.train.state import prune_dirs
 
 log = logging.getLogger(__name__)
 
@@ -82,33 +81,6 @@ def safe_torch_load() -> Iterator[None]:
         torch.load = orig
 
 
-# --------------------------------------------------------------------------- RNG
-
-
-def capture_rng() -> dict[str, Any]:
-    """RNG states as tensors / plain Python (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # --------------------------------------------------------------------------- save / resume
 
 
@@ -146,14 +118,7 @@ def save(engine: Any, run_dir: str | Path, step: int, client_state: dict[str, An
 
 def prune(root: Path, keep: int) -> list[str]:
     """Delete all but the newest ``keep`` step tags (never the one ``latest`` names)."""
-    tags = sorted(p.name for p in root.glob("step*") if p.is_dir())
-    current = latest_tag(root)
-    removed = []
-    for t in tags[:-keep] if keep > 0 else []:
-        if t != current:
-            shutil.rmtree(root / t, ignore_errors=True)
-            removed.append(t)
-    return removed
+    return prune_dirs(root, "step*", keep, protect=latest_tag(root))
 
 
 def resume(engine: Any, run_dir: str | Path) -> dict[str, Any] | None:
@@ -254,15 +219,10 @@ def save_encoder(state: dict[str, torch.Tensor], meta: dict[str, Any], out_path:
     from safetensors.torch import save_file
 
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file({k: v.detach().cpu().to(torch.float32).contiguous() for k, v in state.items()}, str(tmp),
-              metadata={META_KEY: json.dumps(meta, sort_keys=True)})
-    tmp.replace(out)
-    side = out.with_suffix(".json")
-    side_tmp = side.with_name(side.name + ".tmp")
-    side_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    side_tmp.replace(side)
+    with atomic_path(out) as tmp:
+        save_file({k: v.detach().cpu().to(torch.float32).contiguous() for k, v in state.items()}, str(tmp),
+                  metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+    atomic_write(out.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
 
 

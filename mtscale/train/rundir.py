@@ -21,11 +21,14 @@ checkpoint (run the same command again to resume), 1 an internal error.
 from __future__ import annotations
 
 import json
+import math
+import signal
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mtscale.files import atomic_write
 from mtscale.errors import ConfigError
 
 EXIT_PREEMPTED = 75
@@ -114,6 +117,97 @@ def check_resume(run_dir: Path, new: dict[str, Any], keep: tuple[str, ...]) -> N
 
 def write_json(path: Path, obj: Any) -> None:
     """A run-dir JSON file (``status.json``, ``ds_config.json``), written beside and renamed."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 set a flag; the run checkpoints at its next stop check on every rank
+    (the flag is all-reduced), records ``preempted`` in ``status.json`` and exits
+    ``EXIT_PREEMPTED``. Made first thing in a run, so a signal during start-up is not lost."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
+        self.signum: int | None = None
+        self._old = {}
+        for s in signals:
+            try:
+                self._old[s] = signal.signal(s, self._handler)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    @property
+    def raised(self) -> bool:
+        return self.signum is not None
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class MetricsLog:
+    """Rank 0's ``metrics.jsonl`` (+ TensorBoard in ``tb/``), one row per log point, indexed by
+    ``key`` (``step`` in pre-training, ``epoch`` in fine-tuning).
+
+    ``first``: the first index this process will write. Rows already in the file from that
+    index on were written after the checkpoint being resumed, so they are dropped (and the
+    TensorBoard events purged from there): after a kill at any moment and a resume, the file is
+    the curve of one continuous run, no row missing or doubled. ``first=0``: a new run."""
+
+    def __init__(self, run_dir: Path, key: str, first: int, enabled: bool, tensorboard: bool):
+        self.key, self.enabled, self.path, self.tb, self._f = key, enabled, run_dir / "metrics.jsonl", None, None
+        if not enabled:
+            return
+        if self.path.is_file():
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and first > 0 and json.loads(ln).get(key, 0) < first]
+            atomic_write(self.path, "".join(ln + "\n" for ln in keep))
+        self._f = self.path.open("a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=first or None)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self._f is None:
+            return
+        self._f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != self.key and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, int(row[self.key]))
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
+    """Loss (and LR) against step from ``metrics.jsonl``."""
+    if not metrics_path.is_file():
+        return None
+    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot([r["step"] for r in rows], [r.get("lr", float("nan")) for r in rows], color="tab:orange", alpha=0.5, label="lr")
+    ax2.set_ylabel("lr")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png

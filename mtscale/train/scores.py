@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from mtscale.files import atomic_path
 from mtscale.errors import BadInputError
 
 SCORES_FORMAT = "mtscale-scores/1"
@@ -98,10 +99,8 @@ def write_scores(path: str | Path, *, sample_ids: list[str] | np.ndarray, rows: 
             "num_classes": k, **meta}
     table = pa.table(cols).replace_schema_metadata({META_KEY: json.dumps(info, default=str).encode()})
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        pq.write_table(table, tmp)
     return out
 
 

@@ -38,7 +38,8 @@ from mtscale.models.encoder import param_groups_lrd
 from mtscale.train.classifier import fold_standardisation, unwrap
 from mtscale.train.engine import batch_geometry, lr_lambda
 from mtscale.train.finetune_data import Splits, rows_loader
-from mtscale.train.inference import Runtime, classifier_forward, score_rows
+from mtscale.train.evaluate import classifier_forward, score_rows
+from mtscale.train.runtime import Runtime
 from mtscale.train.metrics import classification_metrics
 
 log = logging.getLogger(__name__)

@@ -13,9 +13,8 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from mtscale.errors import ConfigError
 from mtscale.tuning.space import set_dotted
 
 log = logging.getLogger(__name__)
@@ -39,18 +38,6 @@ _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL
 
 class InjectedFailure(RuntimeError):
     """Raised by the ``fail_first_attempt`` fault-injection knob (tests of the retry path)."""
-
-
-def get_run_finetune() -> Callable[..., dict]:
-    """The fine-tuning loop's Python entry (``run_finetune(cfg, *, on_epoch, resume_from)``)."""
-    try:
-        from mtscale.finetune import run_finetune
-    except ImportError:
-        try:
-            from mtscale.train.finetune_loop import run_finetune
-        except ImportError as e:
-            raise ConfigError(f"mtscale.finetune.run_finetune: not importable ({e}), expected the fine-tuning loop") from None
-    return run_finetune
 
 
 def trial_finetune_dict(base: dict, trial_config: dict[str, Any], run_dir: str | Path) -> dict:
@@ -96,7 +83,8 @@ def finetune_trainable(config: dict[str, Any], *, base: dict, cpus_per_trial: fl
     from ray import tune
 
     from mtscale.config import FinetuneConfig, from_dict
-    from mtscale.runtime import tune_malloc
+    from mtscale.malloc import tune_malloc
+    from mtscale.train.finetune import run_finetune
 
     for var in _LAUNCHER_VARS:
         os.environ.pop(var, None)
@@ -128,4 +116,4 @@ def finetune_trainable(config: dict[str, Any], *, base: dict, cpus_per_trial: fl
             marker.write_text(f"trial {ctx.get_trial_id()} failed on purpose after epoch {epoch}\n")
             raise InjectedFailure(f"fail_first_attempt: trial {ctx.get_trial_id()} raises after epoch {epoch} (test knob)")
 
-    get_run_finetune()(cfg, on_epoch=on_epoch, resume_from=resume_from)
+    run_finetune(cfg, on_epoch=on_epoch, resume_from=resume_from)

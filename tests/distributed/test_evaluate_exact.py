@@ -18,7 +18,7 @@ from mtscale.config import DataConfig, ModelConfig, to_dict
 from mtscale.data.store import write_store
 from mtscale.models.encoder import MotionTransformer
 from mtscale.train.classifier import _resolved_model, build_classifier, save_classifier
-from mtscale.train.inference import evaluate_checkpoint
+from mtscale.train.evaluate import evaluate_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 NUM_TEST = 37  # odd: ranks get 18 and 19 samples

@@ -23,7 +23,7 @@ from mtscale.errors import BadInputError, ConfigError
 from mtscale.models.encoder import MotionTransformer
 from mtscale.train.checkpoint import encoder_meta, save_encoder
 from mtscale.train.classifier import load_classifier
-from mtscale.train.finetune_loop import run_finetune
+from mtscale.train.finetune import run_finetune
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "finetune" / "tiny_cpu.yaml"
@@ -101,7 +101,7 @@ def test_linear_probe_freezes_encoder_and_folds_head(store, encoder_file, tmp_pa
     lines = [json.loads(s) for s in (tmp_path / "lin" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]  # the head learns
     # the exported (folded) classifier reproduces the reported test accuracy through `evaluate`
-    from mtscale.train.inference import evaluate_checkpoint
+    from mtscale.train.evaluate import evaluate_checkpoint
 
     ev = evaluate_checkpoint(str(tmp_path / "lin" / "final"), store, split="xsub60", part="test", progress=False)
     assert ev["top1"] == pytest.approx(res["test_top1"], abs=1e-6)
@@ -127,7 +127,7 @@ def test_encoder_blocks_probes_an_intermediate_block(store, encoder_file, tmp_pa
         got = model.encoder(x)
         assert torch.allclose(got, want, atol=1e-5)
         assert not torch.allclose(full(x), want, atol=1e-2)  # the second block did change the output
-    from mtscale.train.inference import evaluate_checkpoint
+    from mtscale.train.evaluate import evaluate_checkpoint
 
     ev = evaluate_checkpoint(str(tmp_path / "b1" / "final"), store, split="xsub60", part="test", progress=False)
     assert ev["top1"] == pytest.approx(res["test_top1"], abs=1e-6)

@@ -13,7 +13,7 @@ import pytest
 
 from mtscale.config import FinetuneConfig, load_config
 from mtscale.data.formats.ntu import CLASS_NAMES
-from mtscale.train.finetune_loop import run_finetune
+from mtscale.train.finetune import run_finetune
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,7 +68,7 @@ def test_predict_matches_the_evaluation_clip(checkpoint, tmp_path):
     from mtscale.data.store import Store
     from mtscale.train.classifier import read_meta
     from mtscale.train.finetune_data import rows_loader
-    from mtscale.train.prediction import eval_clip
+    from mtscale.train.predict import eval_clip
 
     meta = read_meta(checkpoint / "final")
     data = from_dict(DataConfig, meta["data"], "data")

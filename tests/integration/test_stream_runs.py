@@ -22,7 +22,7 @@ from mtscale.errors import ConfigError
 from mtscale.models.encoder import MotionTransformer
 from mtscale.train.checkpoint import encoder_meta, save_encoder
 from mtscale.train.classifier import read_meta
-from mtscale.train.finetune_loop import run_finetune
+from mtscale.train.finetune import run_finetune
 from mtscale.train.scores import read_scores
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,7 +104,8 @@ def test_evaluate_reapplies_the_recorded_stream_and_saves_scores(runs, store, tm
     from mtscale.config import DataConfig, from_dict
     from mtscale.data.store import Store
     from mtscale.train.classifier import load_classifier
-    from mtscale.train.inference import classifier_forward, score_rows, setup_runtime
+    from mtscale.train.evaluate import classifier_forward, score_rows
+    from mtscale.train.runtime import setup_runtime
 
     run = runs["bone_motion"]
     r = _cli("evaluate", "--checkpoint", str(run), "--store", store, "--split", "xsub60", "--part", "test",

@@ -240,7 +240,7 @@ def test_ctrgcn_label_minus_one_warned_below_refused(tmp_path: Path, caplog) -> 
 def test_predict_raises_a_yielded_bad_record(tmp_path: Path) -> None:
     """``predict`` reads the same readers: a bad record of a many-record file is an error there
     (it classifies what it is given), not a silently shorter table."""
-    from mtscale.train.prediction import iter_samples
+    from mtscale.train.predict import iter_samples
 
     anns = _pyskl_file(tmp_path / "a.pkl", 3, np.random.default_rng(8))
     anns[1]["keypoint"][0, 0, 0, 0] = np.inf

@@ -14,8 +14,9 @@ import torch
 from mtscale.config import ModelConfig, to_dict
 from mtscale.errors import BadInputError
 from mtscale.models.encoder import MotionTransformer
-from mtscale.train.checkpoint import capture_rng, load_encoder, prune, restore_rng, save_encoder
-from mtscale.train.loop import MetricsWriter
+from mtscale.train.checkpoint import load_encoder, prune, save_encoder
+from mtscale.train.state import capture_rng, restore_rng
+from mtscale.train.rundir import MetricsLog
 
 META = {"model": to_dict(ModelConfig(size="tiny")), "clip_frames": 8, "num_bodies": 2, "num_joints": 25,
         "in_chans": 3, "layout": "ntu25", "step": 3}
@@ -80,12 +81,18 @@ def test_rng_roundtrip_through_weights_only_load(tmp_path: Path) -> None:
 
 
 def test_metrics_truncated_on_resume(tmp_path: Path) -> None:
-    w = MetricsWriter(tmp_path, enabled=True, tensorboard=False)
+    w = MetricsLog(tmp_path, "step", first=0, enabled=True, tensorboard=False)
     for s in range(1, 8):
         w.write({"step": s, "loss": float(s)})
     w.close()
-    w = MetricsWriter(tmp_path, enabled=True, tensorboard=False, resume_step=4)  # killed after step 7, ckpt at 4
+    w = MetricsLog(tmp_path, "step", first=5, enabled=True, tensorboard=False)  # killed after step 7, ckpt at 4
     w.write({"step": 5, "loss": 50.0})
     w.close()
     rows = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0)]
+    MetricsLog(tmp_path, "step", first=0, enabled=True, tensorboard=False).close()  # a new run: no old rows
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+    w = MetricsLog(tmp_path, "epoch", first=0, enabled=False, tensorboard=True)  # not rank 0: writes nothing
+    w.write({"epoch": 0, "loss": 1.0})
+    w.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == "" and not (tmp_path / "tb").exists()

@@ -147,8 +147,9 @@ from mtscale.models.objectives import build_pretrain_model
 from mtscale.train.engine import build_engine, deepspeed_config
 world = World.from_env()
 init_distributed(world, torch.device("cpu"))
-tr = TrainConfig(batch_size=2, zero_stage=3, max_steps=4, warmup_steps=1, zero3_param_persistence_threshold=0)
-ds = deepspeed_config(tr, world_size=1, device_type="cpu")
+tr = TrainConfig(batch_size=2, zero_stage=3, max_steps=4, warmup_steps=1, zero3_param_persistence_threshold=0,
+                 precision="fp32")  # fp32: the case where the partition can be the master copy
+ds = deepspeed_config(tr, world_size=1, device_type="cpu", precision="fp32")
 engine, model = build_engine(lambda: build_pretrain_model(ModelConfig(size="tiny"), ObjectiveConfig(decoder_dim=32,
     decoder_depth=1, decoder_heads=2), clip_frames=8, num_bodies=1, num_joints=25), tr, ds)
 opt = engine.optimizer

@@ -319,7 +319,7 @@ def test_minmax_normalize_clips_per_axis_and_leaves_absent_joints_zero():
 
 
 def test_loader_and_prediction_apply_the_configured_normalisation(mem_store):
-    from mtscale.train.prediction import eval_clip
+    from mtscale.train.predict import eval_clip
 
     cfg = _cfg(split="xs", part="test", eval_crop=1.0, normalize="minmax")
     b = next(iter(build_loader(mem_store, cfg, batch_size=4, seed=0, train=False)))

@@ -14,7 +14,7 @@ from mtscale.errors import ConfigError
 from mtscale.train import metrics as M
 from mtscale.train.classifier import fold_standardisation
 from mtscale.train.finetune_data import make_splits
-from mtscale.train.inference import gather_by_index
+from mtscale.train.evaluate import gather_by_index
 from mtscale.train.trainers import smoothed_targets, soft_cross_entropy
 
 

@@ -1,4 +1,4 @@
-"""mtscale.runtime.tune_malloc: freed batch-sized buffers are reused instead of being returned
+"""mtscale.malloc.tune_malloc: freed batch-sized buffers are reused instead of being returned
 to the kernel and faulted in again (glibc only; measured in fresh processes)."""
 
 import os
@@ -11,7 +11,7 @@ import pytest
 PROBE = """
 import resource, sys
 import numpy as np
-from mtscale.runtime import tune_malloc
+from mtscale.malloc import tune_malloc
 applied = tune_malloc()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -41,11 +41,14 @@ from mtscale.errors import ConfigError
 from mtscale.train.classifier import (WEIGHTS, build_classifier, build_encoder, check_keys, save_classifier,
                                       unwrap)
 from mtscale.train.finetune_data import Splits, make_splits
-from mtscale.train.inference import Runtime, classifier_forward, score_rows, setup_runtime
+from mtscale.train.evaluate import classifier_forward, score_rows
+from mtscale.train.runtime import Runtime, setup_runtime
+from mtscale.train.state import capture_rng, prune_dirs, restore_rng
+from mtscale.files import atomic_path
 from mtscale.train.metrics import (append_results_md, classification_metrics, confusion_matrix, hardware_summary,
                                    mean_std, results_row, save_confusion)
-from mtscale.train.loop import StopFlag
-from mtscale.train.rundir import FINETUNE_KEEP, check_resume, check_run_dir, start_run_dir, write_json
+
+from mtscale.train.rundir import FINETUNE_KEEP, MetricsLog, StopFlag, check_resume, check_run_dir, start_run_dir, write_json
 from mtscale.train.scores import sample_ids, scores_file, write_scores
 from mtscale.train.trainers import FullTrainer, LinearProbe
 
@@ -116,7 +119,7 @@ def _run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None, resume
         return {"wall_s": before["wall_s"] + time.perf_counter() - t0,
                 "cpu_s": before["cpu_s"] + time.process_time() - c0}
 
-    logger = _MetricsLog(run_dir, rt.world.is_main and cfg.run.tensorboard, rt.world.is_main, first_epoch=start)
+    logger = MetricsLog(run_dir, "epoch", first=start, enabled=rt.world.is_main, tensorboard=cfg.run.tensorboard)
     last_ckpt = resume
     metrics: dict[str, float] = {}
     for epoch in range(start, cfg.epochs):
@@ -237,8 +240,6 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
 
 def _resume(path: Path, model: torch.nn.Module, trainer: Any) -> tuple[int, dict, dict, dict | None]:
     """(first epoch to run, best, elapsed before, the interrupted epoch's state or None)."""
-    from mtscale.train.checkpoint import restore_rng
-
     if not (path / STATE).is_file() or not (path / WEIGHTS).is_file():
         raise ConfigError(f"resume_from: {path} has no {STATE} + {WEIGHTS}, expected an epoch checkpoint folder "
                           "written by run_finetune")
@@ -252,7 +253,7 @@ def _resume(path: Path, model: torch.nn.Module, trainer: Any) -> tuple[int, dict
         restore_rng(state["rng"])
         log.info("resumed from %s (epoch %d, after micro-batch %d)", path, state["epoch"], state["partial"]["micro"])
         return int(state["epoch"]), dict(state["best"]), before, dict(state["partial"])
-    _restore_rng(state.get("rng"))
+    restore_rng(state.get("rng"))
     log.info("resumed from %s (epoch %d done)", path, state["epoch"])
     return int(state["epoch"]) + 1, dict(state["best"]), before, None
 
@@ -262,8 +263,6 @@ def _preempted(run_dir: Path, epoch: int, model: torch.nn.Module, trainer: Any, 
                last_ckpt: Path | None) -> dict[str, Any]:
     """After a signal: write the interrupted epoch's checkpoint (``partial``; None when the signal
     came between epochs and the last epoch checkpoint is the resume point) and ``status.json``."""
-    from mtscale.train.checkpoint import capture_rng
-
     out = last_ckpt
     if partial is not None:
         out = run_dir / "checkpoints" / f"epoch_{epoch:04d}{PARTIAL}"
@@ -272,9 +271,8 @@ def _preempted(run_dir: Path, epoch: int, model: torch.nn.Module, trainer: Any, 
                 save_classifier(model, dict(meta, epoch=epoch, partial=True), out)
             state = {"epoch": epoch, "best": best, "trainer": trainer.state_dict(), "elapsed": elapsed,
                      "partial": partial, "rng": capture_rng()}
-            tmp = out / (STATE + ".tmp")
-            torch.save(state, tmp)
-            tmp.replace(out / STATE)
+            with atomic_path(out / STATE) as tmp:
+                torch.save(state, tmp)
     status = {"state": "preempted", "epoch": epoch, "signal": getattr(stop, "signum", None),
               "micro_batch": partial["micro"] if partial else 0, "checkpoint": str(out) if out else None}
     if rt.world.is_main:
@@ -295,22 +293,13 @@ def _save_epoch(run_dir: Path, epoch: int, model: torch.nn.Module, trainer: Any,
         with trainer.export_context():  # the EMA weights when cfg.ema is on
             save_classifier(model, dict(meta, epoch=epoch, metrics=metrics), out)
         state = {"epoch": epoch, "best": best, "trainer": trainer.state_dict(), "elapsed": elapsed,
-                 "rng": {"torch": torch.get_rng_state(), "numpy_seed": int(np.random.randint(2**31))}}
-        tmp = out / (STATE + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(out / STATE)
-        old = sorted((run_dir / "checkpoints").glob("epoch_*[0-9]"))[:-keep]
-        for d in old:
-            shutil.rmtree(d, ignore_errors=True)
+                 "rng": capture_rng()}
+        with atomic_path(out / STATE) as tmp:
+            torch.save(state, tmp)
+        prune_dirs(run_dir / "checkpoints", "epoch_*[0-9]", keep)
     if rt.distributed:
         dist.barrier()
     return out
-
-
-def _restore_rng(rng: dict | None) -> None:
-    if rng:
-        torch.set_rng_state(rng["torch"])
-        np.random.seed(int(rng["numpy_seed"]))
 
 
 def _copy_dir(src: Path, dst: Path, drop: tuple[str, ...] = ()) -> None:
@@ -387,37 +376,3 @@ def _write_scores(cfg: FinetuneConfig, store: Store, run_dir: Path, folder: Path
                  label_fraction=d.label_fraction, seed=cfg.train.seed, protocol=cfg.protocol,
                  validation={"val_part": cfg.val_part, "val_fraction": cfg.val_fraction, "val_group": cfg.val_group,
                              "subset_seed": d.subset_seed, "where": d.where})
-
-
-class _MetricsLog:
-    """``metrics.jsonl`` (+ TensorBoard) on rank 0."""
-
-    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool, first_epoch: int = 0):
-        self.enabled, self.path, self.tb = enabled, run_dir / "metrics.jsonl", None
-        if enabled and self.path.is_file():  # a resumed run: keep the rows of the epochs before it
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("epoch", 0) < first_epoch]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            tmp.replace(self.path)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=first_epoch or None)
-            except ImportError:  # pragma: no cover - tensorboard is a dependency
-                log.warning("tensorboard not installed: metrics go to metrics.jsonl only")
-
-    def write(self, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, int(metrics["epoch"]))
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()

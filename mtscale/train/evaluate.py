@@ -1,10 +1,6 @@
 """Exact, rank-partitioned inference: every selected sample is scored exactly once whatever
 the number of ranks, and the scores are gathered by store row on every rank.
 
-Also the run-time set-up shared by fine-tuning and evaluation (:func:`setup_runtime`): the
-world from the launcher's environment, the device, and a process group only when there is
-more than one rank (a one-process run -- e.g. a Ray Tune trial -- needs no port at all).
-
 Axis letters: N samples, K classes, D feature width.
 """
 
@@ -24,50 +20,10 @@ from tqdm.auto import tqdm
 
 from mtscale.config import DataConfig
 from mtscale.data.loader import model_mask
-from mtscale.dist import World, select_device
-from mtscale.train.engine import resolve_precision
+from mtscale.train.runtime import Runtime, all_gather_objects, setup_runtime
 from mtscale.train.finetune_data import rows_loader
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Runtime:
-    world: World
-    device: torch.device
-    precision: str  # fp32 | bf16 | fp16
-
-    @property
-    def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
-
-def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
-    """World from the environment (deepspeed / torchrun / SLURM / none), the device, and a
-    gloo (CPU) or nccl (CUDA) process group when world size > 1."""
-    world = World.from_env()
-    dev = select_device(world, device)
-    if world.world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method=f"tcp://{world.master_addr}:{world.master_port}",
-                                rank=world.rank, world_size=world.world_size, timeout=timedelta(minutes=30))
-        log.info("rank %d/%d via %s: %s on %s", world.rank, world.world_size, world.launcher, backend, dev)
-    return Runtime(world, dev, resolve_precision(precision, dev.type))
-
-
-def all_gather_objects(obj: Any) -> list[Any]:
-    """``[obj of rank 0, obj of rank 1, ...]`` (just ``[obj]`` without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def gather_by_index(index_N: np.ndarray, values_NX: np.ndarray, expected_rows: np.ndarray
