@@ -63,7 +63,7 @@ def synth_samples(n: int, seed: int, min_len: int, max_len: int):
 
 
 def make_store(path: str, n: int, seed: int, min_len: int, max_len: int) -> None:
-    from mtscale.data.store import write_store
+    from mtscale.data.store_writer import write_store
 
     write_store(path, synth_samples(n, seed, min_len, max_len), layout="ntu25", num_bodies=2)
 

@@ -66,7 +66,7 @@ def _optimizer_tensors(engine):
 def worker(stage: int, size: str, depth: int | None, out_dir: Path) -> None:
     import torch
 
-    from mtscale.config import ModelConfig, ObjectiveConfig, TrainConfig
+    from mtscale.config import ModelConfig, ObjectiveConfig, PretrainTrainConfig
     from mtscale.dist import World, init_distributed
     from mtscale.models.objectives import build_pretrain_model
     from mtscale.train.engine import build_engine, deepspeed_config
@@ -74,7 +74,7 @@ def worker(stage: int, size: str, depth: int | None, out_dir: Path) -> None:
     world = World.from_env()
     device = torch.device("cpu")
     init_distributed(world, device)
-    tr = TrainConfig(batch_size=2 * world.world_size, zero_stage=stage, max_steps=10, warmup_steps=1,
+    tr = PretrainTrainConfig(batch_size=2 * world.world_size, zero_stage=stage, max_steps=10, warmup_steps=1,
                      zero3_param_persistence_threshold=0)
     ds = deepspeed_config(tr, world_size=world.world_size, device_type="cpu")
     mcfg = ModelConfig(size=size, depth=depth)

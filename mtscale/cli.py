@@ -1,8 +1,10 @@
 """``mtscale <verb>``: parses arguments, calls the library, prints results. No logic here.
 
-Errors derived from ``MtscaleError`` are printed as one line (no traceback), exit code 2. A
-closed output pipe (``mtscale info STORE | head``) ends the command quietly, exit code 141
-(128 + SIGPIPE, as a Unix tool killed by SIGPIPE reports it).
+Every entry point (``mtscale VERB``, ``python -m mtscale.VERB``, ``deepspeed mtscale/VERB.py``)
+runs through ``run_verb``: errors derived from ``MtscaleError`` (and file-system failures a user
+fixes) are printed as one line (no traceback), exit code 2; Ctrl-C exits 130. A closed output
+pipe (``mtscale info STORE | head``) ends the command quietly, exit code 141 (128 + SIGPIPE, as a
+Unix tool killed by SIGPIPE reports it).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Callable
 
 from mtscale.errors import MtscaleError, user_os_error
 
@@ -78,7 +81,7 @@ def _cmd_verify(a: argparse.Namespace) -> int:
 
 
 def _cmd_merge(a: argparse.Namespace) -> int:
-    from mtscale.data.store import merge_stores
+    from mtscale.data.store_merge import merge_stores
 
     summary = merge_stores(a.parts, a.out, progress=not a.quiet)
     print(f"merged {len(a.parts)} parts into {a.out}: {summary['num_samples']} samples")
@@ -183,18 +186,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-EXIT_BROKEN_PIPE = 141
-"""128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away."""
+EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 130, 141
+"""One line on stderr (MtscaleError, a file-system failure a user fixes); Ctrl-C (128 + SIGINT);
+128 + SIGPIPE, what a shell reports for a Unix tool whose reader went away."""
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FORWARDED:
+        import importlib
+
+        module = FORWARDED[argv[0]][0]
+        return run_verb(argv[0], lambda rest: importlib.import_module(module).main(rest), argv[1:])
+    args = build_parser().parse_args(argv)
+    return run_verb(args.verb, lambda _: args.func(args), [])
+
+
+def run_verb(verb: str, fn: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """The one runner of every entry point (``mtscale VERB``, ``python -m mtscale.VERB``,
+    ``deepspeed mtscale/VERB.py``): ``fn(argv)`` (argv None: sys.argv[1:]) in a process mtscale
+    owns, its errors as exit codes. argparse usage errors exit 2 by themselves (SystemExit)."""
+    from mtscale.malloc import tune_malloc
+
+    tune_malloc()  # this process is ours (mtscale.malloc)
     try:
-        rc = _main(argv)
+        try:
+            rc = int(fn(argv) or 0)
+        except MtscaleError as e:
+            return _error(verb, str(e))
+        except OSError as e:
+            if isinstance(e, BrokenPipeError) or (line := user_os_error(e)) is None:
+                raise
+            return _error(verb, line)
+        except KeyboardInterrupt:
+            print(f"mtscale {verb}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
         sys.stdout.flush()  # here, not at interpreter exit, where a closed pipe could not be caught
         return rc
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
+
+
+def _error(verb: str, message: str) -> int:
+    print(f"mtscale {verb}: error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR
 
 
 def _silence_stdout() -> None:
@@ -208,39 +244,15 @@ def _silence_stdout() -> None:
         pass
 
 
-def _main(argv: list[str] | None) -> int:
-    from mtscale.malloc import tune_malloc
-
-    tune_malloc()  # this process is ours (mtscale.malloc)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in FORWARDED:
-        import importlib
-
-        verb = argv[0]
-        try:
-            return int(importlib.import_module(FORWARDED[verb][0]).main(argv[1:]) or 0)
-        except MtscaleError as e:
-            print(f"mtscale {verb}: error: {e}", file=sys.stderr)
-            return 2
-        except OSError as e:
-            if (line := user_os_error(e)) is None:
-                raise
-            print(f"mtscale {verb}: error: {line}", file=sys.stderr)
-            return 2
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except MtscaleError as e:
-        print(f"mtscale {args.verb}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        if isinstance(e, BrokenPipeError) or (line := user_os_error(e)) is None:
-            raise
-        print(f"mtscale {args.verb}: error: {line}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"mtscale {args.verb}: interrupted", file=sys.stderr)
-        return 130
+def script_path(file: str) -> None:
+    """``deepspeed mtscale/pretrain.py`` (finetune.py, evaluate.py) runs the entry module as a file:
+    Python puts mtscale/ first on sys.path, where its modules (config, data, train, ...) would shadow
+    top-level packages. Drop mtscale/ (also as "" when it is the working directory) and put its
+    checkout first, so ``mtscale`` is this checkout's package. The caller has put the checkout on
+    sys.path to import this module; mtscale.cli and mtscale.errors import only the standard library."""
+    here = os.path.dirname(os.path.abspath(file))
+    root = os.path.dirname(here)
+    sys.path[:] = [root] + [p for p in sys.path if os.path.abspath(p or ".") not in (here, root)]
 
 
 if __name__ == "__main__":

@@ -14,7 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+if __package__ in (None, ""):  # run as a file (``deepspeed mtscale/evaluate.py``): mtscale/ is first on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's mtscale
+    from mtscale.cli import script_path
+
+    script_path(__file__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,9 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     from mtscale.dist import World
+    from mtscale.train.classifier import resolve_checkpoint
     from mtscale.train.evaluate import evaluate_checkpoint
     from mtscale.train.runtime import setup_logging
 
+    resolve_checkpoint(a.checkpoint)  # a missing checkpoint: one line, before the runtime starts (and logs)
     world = World.from_env()
     setup_logging(world)
     res = evaluate_checkpoint(a.checkpoint, a.store, split=a.split, part=a.part, where=a.where, clips=a.clips,
@@ -62,8 +71,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if __package__ in (None, ""):  # ``deepspeed mtscale/evaluate.py``: mtscale/ is first on sys.path
-        sys.path.pop(0)
-    from mtscale.cli import main as cli_main
+    from mtscale.cli import run_verb
 
-    sys.exit(cli_main(["evaluate"] + sys.argv[1:]))
+    sys.exit(run_verb("evaluate", main))

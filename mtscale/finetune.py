@@ -12,10 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from mtscale.config import FinetuneConfig, load_config
-from mtscale.errors import ConfigError
+if __package__ in (None, ""):  # run as a file (``deepspeed mtscale/finetune.py``): mtscale/ is first on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's mtscale
+    from mtscale.cli import script_path
+
+    script_path(__file__)
+
+from mtscale.config import FinetuneConfig, load_config  # noqa: E402
+from mtscale.errors import ConfigError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,8 +79,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if __package__ in (None, ""):  # ``deepspeed mtscale/finetune.py``: mtscale/ is first on sys.path
-        sys.path.pop(0)
-    from mtscale.cli import main as cli_main
+    from mtscale.cli import run_verb
 
-    sys.exit(cli_main(["finetune"] + sys.argv[1:]))
+    sys.exit(run_verb("finetune", main))

@@ -37,6 +37,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from mtscale.cli import main as cli_main
+    from mtscale.cli import run_verb
 
-    sys.exit(cli_main(["predict"] + sys.argv[1:]))
+    sys.exit(run_verb("predict", main))

@@ -13,18 +13,14 @@ from its latest checkpoint. Run outputs are described in ``mtscale.train.pretrai
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-if __package__ in (None, ""):
-    # ``deepspeed mtscale/pretrain.py`` runs this file as a script with ``mtscale/`` first on
-    # sys.path: drop it, so ``mtscale`` is imported as the package from the repo / site-packages.
-    import os
+if __package__ in (None, ""):  # run as a file (``deepspeed mtscale/pretrain.py``): mtscale/ is first on sys.path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's mtscale
+    from mtscale.cli import script_path
 
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
-
-from mtscale.errors import MtscaleError  # noqa: E402
+    script_path(__file__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,20 +67,7 @@ def _auto_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _script_main() -> int:
-    try:
-        return main()
-    except MtscaleError as e:
-        print(f"mtscale pretrain: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        from mtscale.errors import user_os_error
-
-        if (line := user_os_error(e)) is None:
-            raise
-        print(f"mtscale pretrain: error: {line}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    sys.exit(_script_main())
+    from mtscale.cli import run_verb
+
+    sys.exit(run_verb("pretrain", main))

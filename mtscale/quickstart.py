@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mtscale.cli import FORMATS
 from mtscale.files import atomic_write
 from mtscale.errors import ConfigError, MtscaleError
 
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="quickstart", help="where every stage writes (default: ./quickstart)")
     p.add_argument("--quick", action="store_true", help="a smaller, faster variant (used by the tests)")
     p.add_argument("--data", help="your raw recordings instead of synthetic data")
-    p.add_argument("--format", default="ntu", help="format of --data (ntu, nw-ucla, generic, ctrgcn-npz, pyskl)")
+    p.add_argument("--format", default="ntu", choices=FORMATS, help="format of --data")
     p.add_argument("--split", default=None,
                    help="split column to train/test on (default: xsub120 for synthetic/NTU data, view for NW-UCLA)")
     p.add_argument("--procs", type=int, default=2, help="pre-training processes on CPU (default 2)")
@@ -105,9 +106,13 @@ class Pipeline:
             rc = proc.wait()
             if sys.stdout.isatty():
                 sys.stdout.write("\r" + " " * 154 + "\r")
-        if rc != 0:
-            tail = log_path.read_text().splitlines()[-15:]
-            raise MtscaleError(f"stage {stage} failed (exit {rc}); log {log_path}:\n" + "\n".join(tail))
+        if rc != 0:  # one line: the stage's own error line, else its last line (the log's tail on stdout)
+            tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-15:]
+            why = next((ln for ln in reversed(tail) if ln.startswith("mtscale ") and ": error: " in ln), None)
+            if why is None:
+                print("".join(f"  | {ln}\n" for ln in tail), end="", flush=True)
+                why = tail[-1] if tail else "no output"
+            raise MtscaleError(f"stage {stage} failed (exit {rc}): {why.strip()}; log {log_path}")
 
     @staticmethod
     def _show(line: str) -> bool:
@@ -273,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not CONFIGS.is_dir():
         raise ConfigError(f"{CONFIGS}: configs folder not found; run the quickstart from a source checkout")
+    if args.data is not None and not Path(args.data).exists():
+        raise ConfigError(f"--data: {args.data} not found, expected a file or folder of raw recordings")
+    if args.procs < 1:
+        raise ConfigError(f"--procs: found {args.procs}, expected >= 1")
     pipe = Pipeline(args)
     pipe.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -295,8 +304,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except MtscaleError as e:
-        print(f"mtscale quickstart: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from mtscale.cli import run_verb
+
+    sys.exit(run_verb("quickstart", main))

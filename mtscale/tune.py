@@ -69,8 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(TuneConfig, args.config, args.set)
+    from mtscale.dist import World
+    from mtscale.train.runtime import setup_logging
+
+    setup_logging(World.from_env())  # rank-prefixed, as every entry point logs
     summary = run_tune(cfg, config_path=args.config, address=args.address, resume=args.resume)
     if args.json:
         print(json.dumps(summary, default=str))
@@ -83,4 +86,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mtscale.cli import run_verb
+
+    sys.exit(run_verb("tune", main))

@@ -55,7 +55,7 @@ from mtscale.errors import BadInputError, ConfigError, StoreError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PrepareOptions", "prepare", "merge_stores"]
+__all__ = ["PrepareOptions", "prepare"]
 
 PARTS = ".parts"
 """Suffix of the folder holding the parallel path's part stores while a prepare runs."""
@@ -461,10 +461,3 @@ def _prepare_parts(out: str, units: list[Any], workers: int, init_args: tuple, k
     store = Store.open(merged["out"])
     return _summary(store, ingest, merged["num_skipped"], sum(r["units_resumed"] for r in results), input_bytes, t0,
                     sum(r["bytes_run"] for r in results), seconds_run)
-
-
-def merge_stores(parts: list[str], out: str, progress: bool = True) -> dict[str, Any]:
-    """See ``mtscale.data.store_merge.merge_stores``."""
-    from mtscale.data.store_merge import merge_stores as _merge
-
-    return _merge(parts, out, progress=progress)

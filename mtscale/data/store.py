@@ -378,17 +378,4 @@ def _human(n: int | None) -> str:
     return str(n)
 
 
-# Writers live in their own modules (which import this one); re-exported here, the one public
-# entry point, resolved on first use so that importing a writer module first works too.
-_REEXPORTS = {"StoreWriter": "store_writer", "write_store": "store_writer", "merge_stores": "store_merge"}
-
-
-def __getattr__(name: str):
-    if name in _REEXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f"mtscale.data.{_REEXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["Store", "StoreWriter", "write_store", "merge_stores", "format_info", "SCHEMA_VERSION"]
+__all__ = ["Store", "format_info", "SCHEMA_VERSION"]

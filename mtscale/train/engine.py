@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 import torch
 
-from mtscale.config import TrainConfig
+from mtscale.config import PretrainTrainConfig, TrainConfig
+from mtscale.train.schedule import warmup_cosine
 from mtscale.errors import ConfigError
 from mtscale.models.encoder import full_shape, no_weight_decay
 
@@ -144,7 +145,7 @@ def mixed_precision_config(precision: str, zero_stage: int) -> dict[str, Any]:
     return cfg
 
 
-def deepspeed_config(train: TrainConfig, *, world_size: int, device_type: str,
+def deepspeed_config(train: PretrainTrainConfig, *, world_size: int, device_type: str,
                      precision: str | None = None) -> dict[str, Any]:
     """The complete DeepSpeed config for this run. Every key that changes numerics, memory or
     logging is written explicitly, so a DeepSpeed upgrade cannot silently change the run.
@@ -203,19 +204,11 @@ def deepspeed_config(train: TrainConfig, *, world_size: int, device_type: str,
     }
 
 
-def lr_lambda(train: TrainConfig) -> Callable[[int], float]:
-    """Multiplier of ``train.lr`` after ``step`` optimizer steps: linear warmup from lr/warmup,
-    then cosine from lr down to min_lr at max_steps."""
-    warm, total, floor = train.warmup_steps, train.max_steps, train.min_lr / train.lr if train.lr else 0.0
-
-    def f(step: int) -> float:
-        if warm > 0 and step < warm:
-            return (step + 1) / warm
-        span = max(total - warm, 1)
-        progress = min(max(step - warm, 0) / span, 1.0)
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
+def lr_lambda(train: PretrainTrainConfig) -> Callable[[int], float]:
+    """Pre-training's schedule (``schedule.warmup_cosine``) from its config: warmup_steps, then
+    cosine from lr down to min_lr at max_steps."""
+    return warmup_cosine(warmup=train.warmup_steps, total=train.max_steps,
+                         floor=train.min_lr / train.lr if train.lr else 0.0)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -237,7 +230,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def build_engine(
-    make_model: Callable[[], torch.nn.Module], train: TrainConfig, ds_config: dict[str, Any]
+    make_model: Callable[[], torch.nn.Module], train: PretrainTrainConfig, ds_config: dict[str, Any]
 ) -> tuple[Any, torch.nn.Module]:
     """Build the model (under ``deepspeed.zero.Init`` for ZeRO-3, so no rank ever holds all of
     it) and wrap it in a DeepSpeed engine with our LR schedule. Returns (engine, model)."""

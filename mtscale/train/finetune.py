@@ -88,7 +88,6 @@ def _run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None, resume
     t0, c0 = time.perf_counter(), time.process_time()
     seed = cfg.train.seed
     rt = setup_runtime(cfg.train.device, cfg.train.precision)
-    _warn_unused(cfg)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # the same initial weights on every rank
@@ -198,16 +197,6 @@ def run_seeds(cfg: FinetuneConfig) -> dict[str, Any]:
 
 def _protocol_name(cfg: FinetuneConfig) -> str:
     return cfg.protocol if cfg.data.label_fraction >= 1 else f"{cfg.protocol} ({cfg.data.label_fraction:g} labels)"
-
-
-def _warn_unused(cfg: FinetuneConfig) -> None:
-    dflt = type(cfg.train)()
-    for name in ("max_steps", "warmup_steps", "ckpt_every", "zero_stage"):
-        if getattr(cfg.train, name) != getattr(dflt, name):
-            log.warning("train.%s=%s has no effect on fine-tuning (the schedule is in epochs; one checkpoint per "
-                        "epoch; DDP, not ZeRO)", name, getattr(cfg.train, name))
-    if cfg.protocol == "linear" and (cfg.mixup or cfg.model.drop_path or cfg.head_drop or cfg.ema):
-        log.warning("mixup / model.drop_path / head_drop / ema have no effect on a linear probe (frozen features)")
 
 
 def _meta(cfg: FinetuneConfig, store: Store, model_dict: dict, source: str | None, splits: Splits, *,

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from mtscale.files import atomic_write
+from mtscale.config import get_dotted
 from mtscale.errors import ConfigError
 
 EXIT_PREEMPTED = 75
@@ -84,14 +85,6 @@ def start_run_dir(run_dir: Path, cfg: Any) -> None:
     save_config(cfg, run_dir / "config.yaml")
 
 
-def _get(d: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
-
-
 def check_resume(run_dir: Path, new: dict[str, Any], keep: tuple[str, ...]) -> None:
     """Refuse (before anything is written) a resume of ``run_dir`` whose resolved config ``new``
     differs from the saved one in a field of ``keep``; names the first differing field."""
@@ -100,7 +93,7 @@ def check_resume(run_dir: Path, new: dict[str, Any], keep: tuple[str, ...]) -> N
         return
     saved = yaml.safe_load(saved_file.read_text()) or {}
     for dotted in keep:
-        a, b = _get(saved, dotted), _get(new, dotted)
+        a, b = get_dotted(saved, dotted), get_dotted(new, dotted)
         if isinstance(a, dict) or isinstance(b, dict):  # a section: compare field by field
             drop = RUNTIME_MODEL_FIELDS if dotted == "model" else ()
             a = {k: v for k, v in (a or {}).items() if k not in drop}

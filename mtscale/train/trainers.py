@@ -19,7 +19,6 @@ Both expose ``micro_batch_size``, ``train_epoch(epoch) -> metrics``, ``validate(
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from typing import Any
 
@@ -36,7 +35,8 @@ from mtscale.dist import all_reduce_flag
 from mtscale.errors import ConfigError
 from mtscale.models.encoder import param_groups_lrd
 from mtscale.train.classifier import fold_standardisation, unwrap
-from mtscale.train.engine import batch_geometry, lr_lambda
+from mtscale.train.engine import batch_geometry
+from mtscale.train.schedule import warmup_cosine
 from mtscale.train.finetune_data import Splits, rows_loader
 from mtscale.train.evaluate import classifier_forward, score_rows
 from mtscale.train.runtime import Runtime
@@ -57,9 +57,8 @@ def smoothed_targets(labels_N: Tensor, num_classes: int, smoothing: float) -> Te
 
 def _schedule(cfg: FinetuneConfig, steps_per_epoch: int):
     """Multiplier of the base lr after ``step`` optimizer steps (warmup + cosine to min_lr)."""
-    total = max(cfg.epochs * steps_per_epoch, 1)
-    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
-    return lr_lambda(dataclasses.replace(cfg.train, max_steps=total, warmup_steps=warm))
+    return warmup_cosine(warmup=int(round(cfg.warmup_epochs * steps_per_epoch)),
+                         total=max(cfg.epochs * steps_per_epoch, 1), floor=cfg.train.min_lr / cfg.train.lr)
 
 
 def _set_lr(opt: torch.optim.Optimizer, base_lr: float, factor: float) -> float:

@@ -14,7 +14,8 @@ from typing import Any
 from mtscale.config import FinetuneConfig, from_dict, read_yaml_mapping, to_dict
 from mtscale.errors import ConfigError
 from mtscale.tuning.settings import TuneConfig
-from mtscale.tuning.space import Dim, flatten_overrides, parse_space, pbt_mutations, set_dotted, to_param_space
+from mtscale.config import get_dotted, set_dotted
+from mtscale.tuning.space import Dim, flatten_overrides, parse_space, pbt_mutations, to_param_space
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +29,6 @@ def is_url(path: str) -> bool:
 
 def absolute(path: str) -> str:
     return path if is_url(path) else str(Path(path).expanduser().resolve())
-
-
-def _get_dotted(data: dict, key: str) -> Any:
-    node: Any = data
-    for p in key.split("."):
-        if not isinstance(node, dict) or p not in node:
-            return None
-        node = node[p]
-    return node
 
 
 @dataclass
@@ -71,7 +63,7 @@ def resolve(cfg: TuneConfig, config_path: str | Path | None = None) -> Sweep:
         set_dotted(base, "train.seed", base["seeds"][0])
     base["seeds"] = None
     for key in PATH_KEYS:
-        value = _get_dotted(base, key)
+        value = get_dotted(base, key)
         if isinstance(value, str) and value:
             set_dotted(base, key, absolute(value))
     base.setdefault("run", {})
@@ -266,4 +258,31 @@ def run_sweep(sweep: Sweep, *, resume: bool = False) -> Any:
             raise ConfigError(f"{sweep.experiment_dir}: a sweep named {sweep.cfg.name!r} already exists there, "
                               "expected --resume to continue it or another name (--set name=...)")
         tuner = build_tuner(sweep)
-    return tuner.fit()
+    grid = tuner.fit()
+    if sweep.cfg.scheduler.kind != "pbt":  # PBT: a repeated iteration is a real report (an exploit)
+        dropped = drop_superseded_reports(grid)
+        if dropped:
+            log.info("dropped %d epoch report(s) that the resumed trials reported again", dropped)
+    return grid
+
+
+def drop_superseded_reports(grid: Any) -> int:
+    """Keep the last report of each ``training_iteration`` in every trial's ``metrics_dataframe``
+    (what epochs.parquet and the plots are made of); returns how many rows were dropped.
+
+    Tune logs a result before it registers the result's checkpoint (a separate ``save`` round
+    trip to the trial), and a stop signal (SIGINT) ends the loop in between: the snapshot that
+    ``--resume`` restores then has the trial's last result at epoch k but its latest checkpoint
+    at epoch k - 1, so the resumed trial runs epoch k again and reports it a second time. The
+    later report is the one the following epochs continue from (and the one the trial's own
+    metrics.jsonl keeps). Ray's own result.json / progress.csv keep both rows."""
+    dropped = 0
+    for result in grid:
+        df = result.metrics_dataframe
+        if df is None or not len(df) or "training_iteration" not in getattr(df, "columns", []):
+            continue
+        keep = ~df["training_iteration"].duplicated(keep="last")
+        if not keep.all():
+            dropped += int((~keep).sum())
+            result.metrics_dataframe = df[keep].reset_index(drop=True)
+    return dropped

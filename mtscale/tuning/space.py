@@ -177,20 +177,6 @@ def grid_size(dims: list[Dim], algorithm: str = "random") -> int:
     return n
 
 
-def set_dotted(data: dict, key: str, value: Any, where: str = "space") -> None:
-    """``data[a][b][c] = value`` for ``key = "a.b.c"``, creating sections as needed."""
-    node = data
-    parts = key.split(".")
-    for p in parts[:-1]:
-        nxt = node.setdefault(p, {})
-        if nxt is None:
-            nxt = node[p] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"{where}.{key}: {p} is a value ({nxt!r}), expected a section")
-        node = nxt
-    node[parts[-1]] = value
-
-
 def flatten_overrides(node: dict | None, where: str = "overrides") -> dict[str, Any]:
     """Dotted or nested overrides -> {dotted key: value} (values are constants, not specs)."""
     if node is None:

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mtscale.tuning.space import set_dotted
+from mtscale.config import set_dotted
 
 log = logging.getLogger(__name__)
 

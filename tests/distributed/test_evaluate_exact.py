@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mtscale.config import DataConfig, ModelConfig, to_dict
-from mtscale.data.store import write_store
+from mtscale.data.store_writer import write_store
 from mtscale.models.encoder import MotionTransformer
 from mtscale.train.classifier import _resolved_model, build_classifier, save_classifier
 from mtscale.train.evaluate import evaluate_checkpoint

@@ -76,7 +76,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 def _write_store(path: Path, n: int) -> None:
-    from mtscale.data.store import write_store
+    from mtscale.data.store_writer import write_store
 
     rng = np.random.default_rng(0)
 

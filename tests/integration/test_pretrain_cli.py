@@ -22,7 +22,7 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mtscale.data.store import write_store
+    from mtscale.data.store_writer import write_store
 
     rng = np.random.default_rng(1)
     path = tmp_path_factory.mktemp("cli_store") / "s.zarr"

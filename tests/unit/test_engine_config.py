@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from pathlib import Path
 
-from mtscale.config import TrainConfig
+from mtscale.config import PretrainTrainConfig
 from mtscale.errors import ConfigError
 from mtscale.train.engine import BatchGeometry, batch_geometry, deepspeed_config, lr_lambda, resolve_precision
 
@@ -26,7 +27,7 @@ ZERO_KEYS = {
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_every_key_written(stage: int, device: str) -> None:
-    ds = deepspeed_config(TrainConfig(zero_stage=stage, batch_size=32), world_size=4, device_type=device,
+    ds = deepspeed_config(PretrainTrainConfig(zero_stage=stage, batch_size=32), world_size=4, device_type=device,
                           precision="bf16" if device == "cuda" else "fp32")
     assert REQUIRED <= set(ds)
     assert ZERO_KEYS <= set(ds["zero_optimization"])
@@ -41,15 +42,15 @@ def test_every_key_written(stage: int, device: str) -> None:
 
 def test_gradient_clipping_explicit_even_when_off() -> None:
     # DeepSpeed >= 0.19.3 defaults to 1.0 when the key is absent: 0 must be written as 0.
-    assert deepspeed_config(TrainConfig(grad_clip=0.0, batch_size=8), world_size=1, device_type="cpu")[
+    assert deepspeed_config(PretrainTrainConfig(grad_clip=0.0, batch_size=8), world_size=1, device_type="cpu")[
         "gradient_clipping"] == 0.0
-    assert deepspeed_config(TrainConfig(grad_clip=0.5, batch_size=8), world_size=1, device_type="cpu")[
+    assert deepspeed_config(PretrainTrainConfig(grad_clip=0.5, batch_size=8), world_size=1, device_type="cpu")[
         "gradient_clipping"] == 0.5
 
 
 def test_precision_per_device() -> None:
-    cpu = deepspeed_config(TrainConfig(batch_size=8), world_size=1, device_type="cpu", precision="fp32")
-    gpu = deepspeed_config(TrainConfig(batch_size=8, zero_stage=1), world_size=1, device_type="cuda",
+    cpu = deepspeed_config(PretrainTrainConfig(batch_size=8), world_size=1, device_type="cpu", precision="fp32")
+    gpu = deepspeed_config(PretrainTrainConfig(batch_size=8, zero_stage=1), world_size=1, device_type="cuda",
                            precision=resolve_precision("auto", "cuda", bf16_fast=True))
     assert cpu["bf16"]["enabled"] is False and cpu["fp16"]["enabled"] is False
     assert gpu["bf16"]["enabled"] is True and gpu["fp16"]["enabled"] is False
@@ -61,7 +62,7 @@ def test_precision_per_device() -> None:
     assert resolve_precision("bf16", "cpu", bf16_fast=False) == "bf16"  # allowed when asked (with a warning)
     with pytest.raises(ConfigError, match="does not support"):
         resolve_precision("bf16", "cuda", bf16_fast=False)
-    fp16 = deepspeed_config(TrainConfig(batch_size=8, precision="fp16"), world_size=1, device_type="cuda",
+    fp16 = deepspeed_config(PretrainTrainConfig(batch_size=8, precision="fp16"), world_size=1, device_type="cuda",
                             precision="fp16")
     assert fp16["fp16"]["enabled"] is True and fp16["bf16"]["enabled"] is False
 
@@ -78,7 +79,7 @@ def test_cpu_auto_precision_is_measured_here() -> None:
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_bf16_gradients_accumulate_and_reduce_in_fp32(stage: int) -> None:
     """Issue 25, item 3: no bf16 gradient accumulation or reduction in any ZeRO stage."""
-    ds = deepspeed_config(TrainConfig(batch_size=64, micro_batch_size=8, zero_stage=stage), world_size=2,
+    ds = deepspeed_config(PretrainTrainConfig(batch_size=64, micro_batch_size=8, zero_stage=stage), world_size=2,
                           device_type="cuda", precision="bf16")
     assert ds["gradient_accumulation_steps"] == 4
     assert ds["communication_data_type"] == "fp32"
@@ -88,31 +89,31 @@ def test_bf16_gradients_accumulate_and_reduce_in_fp32(stage: int) -> None:
     else:
         assert ds["bf16"]["enabled"] is True and ds["torch_autocast"]["enabled"] is False
         assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
-    fp32 = deepspeed_config(TrainConfig(batch_size=8, zero_stage=stage), world_size=1, device_type="cpu",
+    fp32 = deepspeed_config(PretrainTrainConfig(batch_size=8, zero_stage=stage), world_size=1, device_type="cpu",
                             precision="fp32")
     assert fp32["communication_data_type"] is None and not fp32["torch_autocast"]["enabled"]
 
 
 def test_optimizer_per_device_and_offload() -> None:
-    cpu = deepspeed_config(TrainConfig(batch_size=8), world_size=1, device_type="cpu")["optimizer"]["params"]
-    gpu = deepspeed_config(TrainConfig(batch_size=8), world_size=1, device_type="cuda", precision="bf16")[
+    cpu = deepspeed_config(PretrainTrainConfig(batch_size=8), world_size=1, device_type="cpu")["optimizer"]["params"]
+    gpu = deepspeed_config(PretrainTrainConfig(batch_size=8), world_size=1, device_type="cuda", precision="bf16")[
         "optimizer"]["params"]
     assert cpu["torch_adam"] is True and cpu["fused"] is False  # no DeepSpeed op to JIT-build on CPU
     assert gpu["torch_adam"] is True and gpu["fused"] is True
-    off = deepspeed_config(TrainConfig(batch_size=8, zero_stage=3, offload_optimizer=True, offload_params=True),
+    off = deepspeed_config(PretrainTrainConfig(batch_size=8, zero_stage=3, offload_optimizer=True, offload_params=True),
                            world_size=2, device_type="cuda")
     assert "torch_adam" not in off["optimizer"]["params"]  # DeepSpeedCPUAdam
     assert off["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
     assert off["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
     with pytest.raises(ConfigError, match="offload_params"):
-        TrainConfig(zero_stage=2, offload_params=True)
+        PretrainTrainConfig(zero_stage=2, offload_params=True)
 
 
 def test_deepspeed_accepts_the_config() -> None:
     from deepspeed.runtime.config import DeepSpeedConfig
 
     for stage in (0, 3):
-        ds = deepspeed_config(TrainConfig(batch_size=8, zero_stage=stage, grad_clip=0.0), world_size=1,
+        ds = deepspeed_config(PretrainTrainConfig(batch_size=8, zero_stage=stage, grad_clip=0.0), world_size=1,
                               device_type="cpu")
         parsed = DeepSpeedConfig(ds)
         assert parsed.gradient_clipping == 0.0
@@ -121,16 +122,16 @@ def test_deepspeed_accepts_the_config() -> None:
 
 
 def test_batch_geometry() -> None:
-    assert batch_geometry(TrainConfig(batch_size=64), 4) == BatchGeometry(16, 1, 64)
-    assert batch_geometry(TrainConfig(batch_size=64, micro_batch_size=8), 2) == BatchGeometry(8, 4, 64)
+    assert batch_geometry(PretrainTrainConfig(batch_size=64), 4) == BatchGeometry(16, 1, 64)
+    assert batch_geometry(PretrainTrainConfig(batch_size=64, micro_batch_size=8), 2) == BatchGeometry(8, 4, 64)
     with pytest.raises(ConfigError, match="train.batch_size"):
-        batch_geometry(TrainConfig(batch_size=10), 4)
+        batch_geometry(PretrainTrainConfig(batch_size=10), 4)
     with pytest.raises(ConfigError, match="train.batch_size"):
-        batch_geometry(TrainConfig(batch_size=64, micro_batch_size=5), 2)
+        batch_geometry(PretrainTrainConfig(batch_size=64, micro_batch_size=5), 2)
 
 
 def test_lr_schedule_warmup_then_cosine() -> None:
-    tc = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=14)
+    tc = PretrainTrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=14)
     f = lr_lambda(tc)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == pytest.approx(1.0)
@@ -141,13 +142,13 @@ def test_lr_schedule_warmup_then_cosine() -> None:
 
 ZERO3_SCRIPT = r"""
 import json, torch
-from mtscale.config import ModelConfig, ObjectiveConfig, TrainConfig
+from mtscale.config import ModelConfig, ObjectiveConfig, PretrainTrainConfig
 from mtscale.dist import World, init_distributed
 from mtscale.models.objectives import build_pretrain_model
 from mtscale.train.engine import build_engine, deepspeed_config
 world = World.from_env()
 init_distributed(world, torch.device("cpu"))
-tr = TrainConfig(batch_size=2, zero_stage=3, max_steps=4, warmup_steps=1, zero3_param_persistence_threshold=0,
+tr = PretrainTrainConfig(batch_size=2, zero_stage=3, max_steps=4, warmup_steps=1, zero3_param_persistence_threshold=0,
                  precision="fp32")  # fp32: the case where the partition can be the master copy
 ds = deepspeed_config(tr, world_size=1, device_type="cpu", precision="fp32")
 engine, model = build_engine(lambda: build_pretrain_model(ModelConfig(size="tiny"), ObjectiveConfig(decoder_dim=32,
@@ -180,3 +181,20 @@ def test_zero3_fp32_master_shares_the_parameter_partition() -> None:
     row = json.loads(p.stdout.strip().splitlines()[-1])
     assert row["shared"] and all(row["shared"])
     assert all(row["moved"]) and row["finite"]
+
+
+def test_finetune_train_section_has_no_pretraining_or_zero_fields() -> None:
+    """Fine-tuning's schedule is in epochs and it runs DDP: a step or ZeRO field there is an error
+    naming it (it used to be accepted and ignored), while pre-training keeps them."""
+    from mtscale.config import FinetuneConfig, PretrainConfig, load_config
+    from mtscale.errors import ConfigError
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    for key in ("train.zero_stage=2", "train.max_steps=10", "train.warmup_steps=5", "train.ckpt_every=3",
+                "train.offload_optimizer=true", "train.log_every=2"):
+        with pytest.raises(ConfigError, match=rf"^{key.split('=')[0]}: unknown key"):
+            load_config(FinetuneConfig, root / "finetune" / "tiny_cpu.yaml", [key])
+    pre = load_config(PretrainConfig, root / "pretrain" / "tiny_cpu.yaml", ["train.zero_stage=2", "train.max_steps=7"])
+    assert (pre.train.zero_stage, pre.train.max_steps) == (2, 7)
+    with pytest.raises(ConfigError, match="train.lr: found 0"):  # the shared checks apply to both
+        load_config(FinetuneConfig, root / "finetune" / "tiny_cpu.yaml", ["train.lr=0"])

@@ -13,7 +13,7 @@ from mtscale.config import AugmentConfig, DataConfig
 from mtscale.data.clips import crop_windows, resample_indices
 from mtscale.data.loader import build_loader
 from mtscale.data.order import uniform_hash
-from mtscale.data.store import write_store
+from mtscale.data.store_writer import write_store
 from mtscale.errors import ConfigError
 
 _counter = itertools.count()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mtscale.config import FinetuneConfig, DataConfig, load_config
-from mtscale.data.store import write_store
+from mtscale.data.store_writer import write_store
 from mtscale.errors import ConfigError
 from mtscale.train import metrics as M
 from mtscale.train.classifier import fold_standardisation

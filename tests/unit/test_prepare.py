@@ -17,7 +17,8 @@ import pytest
 
 from mtscale.data import prepare as P
 from mtscale.data.preprocess import PrepareOptions
-from mtscale.data.store import Store, merge_stores
+from mtscale.data.store import Store
+from mtscale.data.store_merge import merge_stores
 from mtscale.data.store_writer import StoreWriter
 from mtscale.data.synthetic import synthesize
 from mtscale.errors import BadInputError, ConfigError, StoreError
@@ -203,7 +204,7 @@ def test_parts_then_merge_equals_whole(syn_dir: Path, reference: Store, tmp_path
         s = P.prepare("ntu", str(syn_dir), str(out), PrepareOptions(), part_index=i, num_parts=3, progress=False, **SMALL)
         assert s["num_samples"] == NUM_FILES // 3
         parts.append(str(out))
-    P.merge_stores(parts, str(tmp_path / "merged"), progress=False)  # the re-export in prepare
+    merge_stores(parts, str(tmp_path / "merged"), progress=False)
     m = Store.open(tmp_path / "merged")
     assert m.manifest.equals(reference.manifest)
     np.testing.assert_array_equal(m.frames[:], reference.frames[:])

@@ -13,7 +13,9 @@ import pytest
 import zarr
 
 from mtscale.data.manifest import build_manifest, checksum_bytes, concat_manifests
-from mtscale.data.store import Store, StoreWriter, format_info, merge_stores, write_store
+from mtscale.data.store import Store, format_info
+from mtscale.data.store_merge import merge_stores
+from mtscale.data.store_writer import StoreWriter, write_store
 from mtscale.errors import ConfigError, StoreError
 
 M, V, C = 2, 25, 3

@@ -13,7 +13,7 @@ import torch
 from mtscale.config import AugmentConfig, DataConfig
 from mtscale.data.layouts import get_layout
 from mtscale.data.loader import build_loader
-from mtscale.data.store import write_store
+from mtscale.data.store_writer import write_store
 from mtscale.data.streams import apply_stream, parse_stream, stream_channels
 from mtscale.errors import ConfigError
 

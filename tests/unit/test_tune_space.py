@@ -10,8 +10,8 @@ import yaml
 from mtscale.config import from_dict, load_config
 from mtscale.errors import ConfigError
 from mtscale.tuning.settings import TuneConfig
-from mtscale.tuning.space import (flatten_overrides, grid_size, parse_space, pbt_mutations, set_dotted,
-                                  to_param_space)
+from mtscale.config import apply_overrides, set_dotted
+from mtscale.tuning.space import flatten_overrides, grid_size, parse_space, pbt_mutations, to_param_space
 from mtscale.tuning.trainable import _scalar_metrics, trial_finetune_dict
 
 SPACE = {
@@ -104,7 +104,11 @@ def test_overrides_and_trial_dict_set_nested_keys_without_touching_the_base():
     assert trial["train"] == {"lr": 0.5, "seed": 0} and trial["data"] == {"augment": {"rotate_deg": 10.0}}
     assert trial["run"]["dir"] == "/runs/t1" and base == {"train": {"lr": 1e-3, "seed": 0}, "run": {"dir": "x"}}
     with pytest.raises(ConfigError, match=r"space\.train\.lr\.x: lr is a value"):
-        set_dotted({"train": {"lr": 1.0}}, "train.lr.x", 1)
+        set_dotted({"train": {"lr": 1.0}}, "train.lr.x", 1, where="space")
+    with pytest.raises(ConfigError, match=r"^--set train\.lr\.x: lr is a value \(1\.0\), expected a section"):
+        apply_overrides({"train": {"lr": 1.0}}, ["train.lr.x=1"])  # --set goes through the same setter
+    assert apply_overrides({"train": None}, ["train.lr=0.002", "data.augment.scale=0.1"]) == {
+        "train": {"lr": 0.002}, "data": {"augment": {"scale": 0.1}}}
 
 
 def test_scalar_metrics_drop_non_numbers_and_ray_reserved_names():
