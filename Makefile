@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mtscale-installed
 
-.PHONY: setup quickstart test bench clean
+.PHONY: setup quickstart test lint bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) quickstart

@@ -15,6 +15,7 @@ not grow with the dataset).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def read_skeleton_filter(file: str) -> dict:
     """CTR-GCN ``data_gen/ntu_gendata.py`` (verbatim logic): the reference parse."""
-    with open(file, "r") as f:
+    with open(file) as f:
         seq = {"numFrame": int(f.readline()), "frameInfo": []}
         for _ in range(seq["numFrame"]):
             frame = {"numBody": int(f.readline()), "bodyInfo": []}
@@ -67,10 +68,8 @@ def _proc_tree_kb(root: int) -> dict[int, tuple[int, int, float]]:
     parent: dict[int, int] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
-            try:
+            with contextlib.suppress(OSError, IndexError, ValueError):
                 parent[int(d)] = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
     tree, frontier = {root}, [root]
     while frontier:
         p = frontier.pop()
@@ -201,10 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         res.update(breakdown(files[: min(len(files), 100)]))
         for w in workers:
             r = run_prepare(src, w, tmp, len(files))
-            for k in ("wall_s", "cpu_s", "mb_per_cpu_s", "files_per_s", "mb_per_s", "mb_per_s_per_worker", "rss_parent_mb", "rss_max_worker_mb", "rss_tree_mb"):
+            for k in ("wall_s", "cpu_s", "mb_per_cpu_s", "files_per_s", "mb_per_s", "mb_per_s_per_worker",
+                      "rss_parent_mb", "rss_max_worker_mb", "rss_tree_mb"):
                 res[f"prepare_w{w}_{k}"] = round(r[k], 2)
         if len(workers) > 1:
-            res["scaling_w%d_over_w1" % workers[-1]] = round(res[f"prepare_w{workers[-1]}_mb_per_s"] / res["prepare_w1_mb_per_s"], 2)
+            res[f"scaling_w{workers[-1]}_over_w1"] = round(
+                res[f"prepare_w{workers[-1]}_mb_per_s"] / res["prepare_w1_mb_per_s"], 2)
         if src4 is not None:
             r4 = run_prepare(src4, 1, tmp, 4 * n)
             r4w = run_prepare(src4, max(workers), tmp, 4 * n)

@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip-frames", type=int, default=120)
     p.add_argument("--shuffle-buffer", type=int, default=None, help="default 4096 (quick: 512, so windows are read while timed)")
     p.add_argument("--baseline-samples", type=int, default=None)
-    p.add_argument("--compare-zarr", action="store_true", help="also time (1) reading through zarr instead of the direct chunk reader")
+    p.add_argument("--compare-zarr", action="store_true",
+                   help="also time (1) reading through zarr instead of the direct chunk reader")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--zarr-reads", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)

@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         "semi10_gain_points": r_ft["test_top1"] - r_scr["test_top1"],
         "chance_top1": 100.0 / s["num_classes"], "num_test": r_ft["test"], "num_train_semi10": r_ft["train"],
         "pretrain_wall_s": t_pre, "wall_s": time.perf_counter() - t_all, "cpu_s_this_process": time.process_time() - c_all,
-        "quick": bool(a.quick), "posture": a.posture, "objective": a.objective, "norm_target": a.norm_target, "mask_ratio": a.mask_ratio, "tokenization": a.tokenization, "pool": a.pool, **{f"setting_{k}": v for k, v in s.items()},
+        "quick": bool(a.quick), "posture": a.posture, "objective": a.objective, "norm_target": a.norm_target,
+        "mask_ratio": a.mask_ratio, "tokenization": a.tokenization, "pool": a.pool, **{f"setting_{k}": v for k, v in s.items()},
         "hardware": _hardware(), "torch": _torch_version(), "workdir": str(work),
     }
     out["linear_target_met"] = out["linear_gain_points"] >= 20.0

@@ -59,8 +59,7 @@ def _optimizer_tensors(engine):
     for g in base.param_groups:  # the fp32 master partitions the base optimizer steps on
         yield from g["params"]
     for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
-        for t in getattr(opt, name, None) or []:
-            yield t
+        yield from getattr(opt, name, None) or []
 
 
 def worker(stage: int, size: str, depth: int | None, out_dir: Path) -> None:
@@ -97,8 +96,9 @@ def worker(stage: int, size: str, depth: int | None, out_dir: Path) -> None:
                  "adam_state": _storages(t for st in getattr(opt, "optimizer", opt).state.values()
                                          for t in st.values() if torch.is_tensor(t) and t.numel() > 1),
                  "bit16_flat": _storages(getattr(opt, "fp16_partitioned_groups_flat", None) or [])}
-    row = {"breakdown": breakdown, "stage": stage, "rank": world.rank, "world_size": world.world_size, "num_params": int(num_params),
-           "param_bytes": param_bytes, "optimizer_bytes": total - param_bytes, "total_bytes": total}
+    row = {"breakdown": breakdown, "stage": stage, "rank": world.rank, "world_size": world.world_size,
+           "num_params": int(num_params), "param_bytes": param_bytes, "optimizer_bytes": total - param_bytes,
+           "total_bytes": total}
     (out_dir / f"stage{stage}_rank{world.rank}.json").write_text(json.dumps(row))
 
 

@@ -45,15 +45,27 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_check_base / _runs, bench_model
 
-from gpu_check_base import CheckError, Ctx, Plan, Skip, expect  # noqa: E402
-from gpu_check_runs import (check_compile, check_evaluate, check_finetune, check_loader, check_pretrain,  # noqa: E402
-                            check_pretrain_targets, check_resume, check_sdpa_kernel, check_zero3,
-                            make_throughput_check, prebuild_cpu_adam, pretrain_child)
+from gpu_check_base import CheckError, Ctx, Plan, Skip, expect
+from gpu_check_runs import (
+    check_compile,
+    check_evaluate,
+    check_finetune,
+    check_loader,
+    check_pretrain,
+    check_pretrain_targets,
+    check_resume,
+    check_sdpa_kernel,
+    check_zero3,
+    make_throughput_check,
+    prebuild_cpu_adam,
+    pretrain_child,
+)
 
 # --------------------------------------------------------------------------- checks: machine
 
@@ -180,7 +192,6 @@ def hardware_values(plan: Plan) -> dict[str, Any]:
     from importlib.metadata import version
 
     import torch
-
     from bench_model import hardware
 
     hw = hardware(torch.device(plan.device))
@@ -200,7 +211,7 @@ def run_checks(ctx: Ctx, only: set[str] | None) -> list[dict[str, str]]:
                 status, detail = "pass", fn(ctx)
             except Skip as e:
                 status, detail = f"skipped: {e}", ""
-            except Exception as e:  # noqa: BLE001 - every failure is recorded, the next check runs
+            except Exception as e:
                 status = "fail"
                 detail = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
                 if not isinstance(e, CheckError):

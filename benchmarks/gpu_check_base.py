@@ -59,7 +59,7 @@ class Plan:
         return self.device.startswith("cuda")
 
     @classmethod
-    def make(cls, dry: bool, quick: bool) -> "Plan":
+    def make(cls, dry: bool, quick: bool) -> Plan:
         import torch
 
         from mtscale.train.engine import resolve_precision
@@ -117,7 +117,7 @@ class Ctx:
                 if len(Store.open(str(out)).labels) == self.plan.num_samples:
                     self._store = str(out)
                     return self._store
-            except Exception:  # noqa: BLE001 - absent or incomplete: build it again
+            except Exception:
                 pass
             for d in (raw, out):
                 shutil.rmtree(d, ignore_errors=True)

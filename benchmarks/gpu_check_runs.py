@@ -14,11 +14,11 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from gpu_check_base import (FINETUNE_CONFIG, PRETRAIN_CONFIG, ROOT, Ctx, Skip, expect, last_error_line, metrics_rows,
-                            set_args)
+from gpu_check_base import FINETUNE_CONFIG, PRETRAIN_CONFIG, ROOT, Ctx, Skip, expect, last_error_line, metrics_rows, set_args
 
 # --------------------------------------------------------------------------- checks: model + data
 
@@ -43,8 +43,8 @@ def check_sdpa_kernel(ctx: Ctx) -> str:
     (750) token counts, q/k/v laid out as ``layers.Attention`` passes them, with and without the
     key-padding mask of ``key_padding_to_attn_mask``."""
     import torch
-
     from bench_model import attention_case, explicit_attention
+
     from mtscale.models import layers
 
     parts, bad = [], []
@@ -56,7 +56,7 @@ def check_sdpa_kernel(ctx: Ctx) -> str:
             reported = layers._chosen_backend(q, k, v, mask, 0.0)
             box: dict[str, torch.Tensor] = {}
 
-            def call() -> None:
+            def call(q=q, k=k, v=v, mask=mask, box=box) -> None:  # bound now (called at once, below)
                 box["o"] = layers.attend(q, k, v, mask)
                 box["o"].float().sum().backward()
 
@@ -292,9 +292,9 @@ def prebuild_cpu_adam(ctx: Ctx) -> None:
     """Start building DeepSpeed's CPU Adam op (optimizer offload) now, in the background: a
     first build takes 1-2 minutes; later ones load the cached op in seconds."""
     code = "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()"
-    log = open(ctx.work / "cpu_adam_build.log", "w")
-    ctx.cpu_adam = subprocess.Popen([sys.executable, "-c", code], env=ctx.env(), cwd=ROOT, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+    with open(ctx.work / "cpu_adam_build.log", "w") as log:  # the child keeps its own copy of the descriptor
+        ctx.cpu_adam = subprocess.Popen([sys.executable, "-c", code], env=ctx.env(), cwd=ROOT, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def check_zero3(ctx: Ctx) -> str:
@@ -474,7 +474,8 @@ def check_evaluate(ctx: Ctx) -> str:
     want, n = ctx.values["finetune_test_top1"], res["num_samples"]
     ctx.values.update(evaluate_top1=res["top1"], evaluate_num_samples=n)
     tol = 100.0 / n + 1e-6 if p.cuda else 1e-6  # bf16 kernels may flip one sample's argmax
-    expect(n == ctx.values["finetune_test_samples"], f"evaluated {n} samples, fine-tuning tested {ctx.values['finetune_test_samples']}")
+    expect(n == ctx.values["finetune_test_samples"],
+           f"evaluated {n} samples, fine-tuning tested {ctx.values['finetune_test_samples']}")
     expect(abs(res["top1"] - want) <= tol, f"top-1 {res['top1']:.3f} vs fine-tuning's {want:.3f}")
     expect(Path(res["confusion_csv"]).is_file(), "no confusion matrix written")
     return f"top-1 {res['top1']:.1f} % on {n} samples (fine-tuning reported {want:.1f} %), confusion matrix written"
@@ -484,8 +485,8 @@ def make_throughput_check(size: str, tok: str) -> Callable[[Ctx], str]:
     def check(ctx: Ctx) -> str:
         """Real training steps of the pre-training model (benchmarks/bench_model.Step)."""
         import torch
-
         from bench_model import Step
+
         from mtscale.models.flops import gpu_peak_flops, measure_cpu_gemm_flops
 
         p = ctx.plan

@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from mtscale.errors import MtscaleError, user_os_error
 
@@ -116,7 +116,8 @@ FORWARDED = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mtscale", description="Self-supervised pre-training of Motion-Transformers on skeleton sequences.")
+    p = argparse.ArgumentParser(
+        prog="mtscale", description="Self-supervised pre-training of Motion-Transformers on skeleton sequences.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     s = sub.add_parser("synth", help="write a synthetic NTU-format .skeleton dataset")

@@ -18,9 +18,9 @@ import re
 import shutil
 import socket
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping
 
 from mtscale.errors import ConfigError
 
@@ -59,7 +59,7 @@ class World:
         return self.world_size > 1
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, *, use_scontrol: bool = True) -> "World":
+    def from_env(cls, env: Mapping[str, str] | None = None, *, use_scontrol: bool = True) -> World:
         """Read the world from ``env`` (default ``os.environ``); see the module docstring."""
         env = os.environ if env is None else env
         if "RANK" in env and "WORLD_SIZE" in env:
@@ -229,7 +229,7 @@ def device_index(local_rank: int, local_world_size: int, device_count: int) -> i
                       f"{device_count} GPUs; expected one GPU per task or at least {local_world_size} GPUs visible")
 
 
-def select_device(world: World, requested: str = "auto") -> "torch.device":  # noqa: F821
+def select_device(world: World, requested: str = "auto") -> torch.device:  # noqa: F821
     """cuda:``device_index(...)`` when CUDA is available (or requested), else cpu."""
     import torch
 
@@ -244,7 +244,7 @@ def select_device(world: World, requested: str = "auto") -> "torch.device":  # n
     return torch.device("cuda", idx)
 
 
-def deepspeed_env(world: World, device: "torch.device") -> dict[str, str]:  # noqa: F821
+def deepspeed_env(world: World, device: torch.device) -> dict[str, str]:  # noqa: F821
     """The environment DeepSpeed reads: ``world.to_env()`` with LOCAL_RANK set to the index of
     the GPU this process uses (DeepSpeed calls ``set_device(LOCAL_RANK)``), so both agree."""
     env = world.to_env()
@@ -253,7 +253,7 @@ def deepspeed_env(world: World, device: "torch.device") -> dict[str, str]:  # no
     return env
 
 
-def init_distributed(world: World, device: "torch.device", timeout_s: float = 1800.0,  # noqa: F821
+def init_distributed(world: World, device: torch.device, timeout_s: float = 1800.0,  # noqa: F821
                      with_deepspeed: bool = True) -> str:
     """The one process-group set-up of mtscale: torch.distributed (gloo on CPU, nccl on CUDA;
     also for one process when ``with_deepspeed``: DeepSpeed needs a group) and, with
@@ -292,7 +292,7 @@ def _skip_cpu_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def all_reduce_flag(flag: bool, device: "torch.device") -> bool:  # noqa: F821
+def all_reduce_flag(flag: bool, device: torch.device) -> bool:  # noqa: F821
     """True on every rank if ``flag`` is true on any rank (a no-op without a process group)."""
     import torch
     import torch.distributed as dist

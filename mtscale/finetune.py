@@ -21,8 +21,8 @@ if __package__ in (None, ""):  # run as a file (``deepspeed mtscale/finetune.py`
 
     script_path(__file__)
 
-from mtscale.config import FinetuneConfig, load_config  # noqa: E402
-from mtscale.errors import ConfigError  # noqa: E402
+from mtscale.config import FinetuneConfig, load_config
+from mtscale.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from mtscale.cli import FORMATS
-from mtscale.files import atomic_write
 from mtscale.errors import ConfigError, MtscaleError
+from mtscale.files import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -15,7 +15,7 @@ reductions over N), so a sample's numbers do not depend on which other samples s
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -91,7 +91,7 @@ def bone_offsets(scale_V: np.ndarray) -> np.ndarray:
     return REST * np.asarray(scale_V)[:, None]
 
 
-@lru_cache(maxsize=None)
+@cache
 def performer_bones(p: int) -> np.ndarray:
     """(V, 3) bone offsets of performer ``p`` (fixed per performer id)."""
     rng = np.random.default_rng([4242, p])
@@ -99,7 +99,7 @@ def performer_bones(p: int) -> np.ndarray:
     return bone_offsets(scale)
 
 
-@lru_cache(maxsize=None)
+@cache
 def setup_camera(s: int, c: int) -> tuple[float, float, float]:
     """(yaw, distance, height) of camera ``c`` (1..3: -45, 0, +45 degrees) in setup ``s``."""
     rng = np.random.default_rng([777, s])
@@ -215,7 +215,7 @@ def preset_gains(gains: dict[int, float]) -> None:
     GAINS.update(gains)
 
 
-@lru_cache(maxsize=None)
+@cache
 def action_spec(label: int) -> dict[str, Any]:
     """The class's motion: per body, the DOFs moved and their trajectory parameters."""
     rng = np.random.default_rng([20240611, label])

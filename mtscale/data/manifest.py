@@ -141,7 +141,8 @@ def value_counts(col: pa.ChunkedArray) -> dict[str, int]:
     """Counts per value (``"null"`` for missing), keys as strings, sorted by value."""
     counts = pc.value_counts(col)
     pairs = [(v, int(n)) for v, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())]
-    pairs.sort(key=lambda p: (p[0] is None, str(p[0]) if not isinstance(p[0], (int, float)) else "", p[0] if isinstance(p[0], (int, float)) else 0))
+    pairs.sort(key=lambda p: (p[0] is None, str(p[0]) if not isinstance(p[0], (int, float)) else "",
+                              p[0] if isinstance(p[0], (int, float)) else 0))
     return {("null" if v is None else str(v)): n for v, n in pairs}
 
 
@@ -236,7 +237,8 @@ def evaluate_where(table: pa.Table, expr: str) -> np.ndarray:
     try:
         tree = ast.parse(expr, mode="eval")
     except SyntaxError as e:
-        raise ConfigError(f"where {expr!r}: syntax error at column {e.offset}, expected a filter like \"performer in (1, 2) and camera != 3\"") from None
+        raise ConfigError(f"where {expr!r}: syntax error at column {e.offset}, "
+                          "expected a filter like \"performer in (1, 2) and camera != 3\"") from None
     mask = _Where(table, expr).eval(tree.body)
     if isinstance(mask, pa.ChunkedArray) and mask.num_chunks == 0:
         return np.zeros(len(table), dtype=bool)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+
 def make_blocks(offsets: np.ndarray, block_frames: int) -> np.ndarray:
     """Block boundaries of samples sorted by ``offsets``: returns ``bounds`` (B + 1,) with
     block ``b`` = samples ``bounds[b]:bounds[b + 1]``. Samples whose first frame lies in the

@@ -7,8 +7,9 @@ function of the number of units, never of ``workers``); each worker process inge
 into uncompressed scratch stores of its own under ``OUT.parts/`` (nothing flows back through
 the parent), and the parent joins them in unit order, part k while the workers ingest later
 parts (``store_merge.Merger``: re-chunks and compresses the binary frames, ~1/20 of the text's
-bytes). Either way the store is byte-identical whatever the number of workers. (An earlier design streamed every parsed array back to one writing
-parent; on 2 cores the parent was the bottleneck, 0.83-1.33x one worker.)
+bytes). Either way the store is byte-identical whatever the number of workers. (An earlier
+design streamed every parsed array back to one writing parent; on 2 cores the parent was the
+bottleneck, 0.83-1.33x one worker.)
 
 - Bad input: a record the reader (or preprocessing, or the checks here) refuses with
   ``BadInputError`` is recorded in the store's ``report.jsonl`` ({file, line, index, message,
@@ -41,7 +42,8 @@ import multiprocessing as mp
 import os
 import threading
 import time
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 

@@ -54,7 +54,7 @@ class DirectReader:
     # ------------------------------------------------------------ construction
 
     @classmethod
-    def for_array(cls, arr: Any, fs: Any, root: str, url: str, local: bool) -> "DirectReader | None":
+    def for_array(cls, arr: Any, fs: Any, root: str, url: str, local: bool) -> DirectReader | None:
         """A reader for zarr array ``arr`` stored under ``root`` of filesystem ``fs``, or None
         where its layout or codecs are not the ones this reader implements exactly."""
         try:

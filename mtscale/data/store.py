@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -115,7 +116,7 @@ class Store:
     # -- opening and validation
 
     @classmethod
-    def open(cls, url: str) -> "Store":
+    def open(cls, url: str) -> Store:
         """Open a complete store; a missing, incomplete or inconsistent one raises StoreError."""
         url = str(url)
         fs, path = url_to_fs(url)
@@ -127,18 +128,21 @@ class Store:
         try:
             group = zarr.open_group(zarr_store(url, read_only=True), mode="r")
         except Exception as e:  # zarr raises several types for unreadable metadata
-            raise StoreError(f"{url}/zarr.json: cannot open the zarr group ({type(e).__name__}: {e}), expected Zarr v3 group metadata") from None
+            raise StoreError(f"{url}/zarr.json: cannot open the zarr group ({type(e).__name__}: {e}), "
+                             "expected Zarr v3 group metadata") from None
         attrs = dict(group.attrs)
         _check_attrs(url, attrs)
         if FRAMES not in group:
             raise StoreError(f"{url}: missing array {FRAMES!r}, expected the frames array (num_frames, M, V, C)")
         mpath = join(path, MANIFEST)
         if not fs.exists(mpath):
-            raise StoreError(f"{url}: missing {MANIFEST}, expected one (the store is incomplete: an interrupted prepare on an object store?)")
+            raise StoreError(f"{url}: missing {MANIFEST}, "
+                             "expected one (the store is incomplete: an interrupted prepare on an object store?)")
         try:
             manifest = pq.read_table(mpath, filesystem=fs)
         except Exception as e:
-            raise StoreError(f"{url}/{MANIFEST}: cannot read the manifest ({type(e).__name__}: {e}), expected a Parquet file") from None
+            raise StoreError(f"{url}/{MANIFEST}: cannot read the manifest ({type(e).__name__}: {e}), "
+                             "expected a Parquet file") from None
         store = cls(url, group, manifest)
         problems = store._check_consistency(first_only=True)
         if problems:
@@ -159,7 +163,8 @@ class Store:
         shape = tuple(self.frames.shape)
         want = (self.num_bodies, self.layout.num_joints)
         if len(shape) != 4 or shape[1:3] != want:
-            return [f"{url}/{FRAMES}: shape {shape}, expected (num_frames, {want[0]}, {want[1]}, C) for layout {self.layout.name}"]
+            return [f"{url}/{FRAMES}: shape {shape}, "
+                    f"expected (num_frames, {want[0]}, {want[1]}, C) for layout {self.layout.name}"]
         if str(self.frames.dtype) != self.attrs["dtype"]:
             problems.append(f"{url}/{FRAMES}: dtype {self.frames.dtype}, expected {self.attrs['dtype']} (attrs)")
         ends = self.offsets + self.lengths
@@ -171,7 +176,8 @@ class Store:
                             f"expected offset {starts[i]} and length > 0 (rows contiguous, sorted by offset)")
         total = int(ends[-1]) if len(ends) else 0
         if total != self.num_frames:
-            problems.append(f"{url}/{MANIFEST}: offsets + lengths end at frame {total}, expected {self.num_frames} (frames array length)")
+            problems.append(f"{url}/{MANIFEST}: offsets + lengths end at frame {total}, "
+                            f"expected {self.num_frames} (frames array length)")
         ids = m.column("sample_id")
         if ids.null_count or len(pa.compute.unique(ids)) != len(ids):
             dup = pa.compute.value_counts(ids).filter(pa.compute.greater(pa.compute.value_counts(ids).field("counts"), 1))
@@ -196,7 +202,8 @@ class Store:
                 parts = [v for v in value_counts(values) if v != "null"]
                 if part not in parts:
                     raise ConfigError(f"split {split!r}: found part {part!r}, expected one of {parts} ({self.url})")
-                mask &= np.asarray(pa.compute.fill_null(pa.compute.equal(values, part), False).to_numpy(zero_copy_only=False), dtype=bool)
+                mask &= np.asarray(pa.compute.fill_null(pa.compute.equal(values, part), False).to_numpy(zero_copy_only=False),
+                                   dtype=bool)
         elif part is not None:
             raise ConfigError(f"part {part!r} given without a split, expected split= as well")
         if where:
@@ -204,7 +211,7 @@ class Store:
         return np.flatnonzero(mask).astype(np.int64)
 
     @property
-    def direct_reader(self) -> "DirectReader | None":
+    def direct_reader(self) -> DirectReader | None:
         """The zarr-free chunk reader, or None where the array's codecs are not ones it
         implements (then zarr reads)."""
         if self._direct is False:
@@ -303,7 +310,8 @@ class Store:
                 block = np.ascontiguousarray(self.frames[start:stop])
             except Exception as e:  # a damaged shard fails to decode
                 block = None
-                problems.append(f"{self.url}/{FRAMES}[{start}:{stop}]: cannot decode ({type(e).__name__}: {e}), expected a readable chunk")
+                problems.append(f"{self.url}/{FRAMES}[{start}:{stop}]: cannot decode ({type(e).__name__}: {e}), "
+                                "expected a readable chunk")
                 bad_block = f"frames[{start}:{stop}] unreadable"
             pos = start
             while i < self.num_samples and pos < stop:
@@ -317,7 +325,8 @@ class Store:
                     if bad_block:
                         problems.append(f"{self.url}/{MANIFEST}: row {i} ({ids[i]}): {bad_block}, expected checksum {checks[i]}")
                     elif digest != checks[i]:
-                        problems.append(f"{self.url}/{MANIFEST}: row {i} ({ids[i]}): frames checksum {digest}, expected {checks[i]}")
+                        problems.append(f"{self.url}/{MANIFEST}: row {i} ({ids[i]}): frames checksum {digest}, "
+                                        f"expected {checks[i]}")
                     h, bad_block, i = hashlib.blake2b(digest_size=8), None, i + 1
             bar.update(stop - start)
         bar.close()
@@ -329,7 +338,8 @@ def _check_attrs(url: str, attrs: dict[str, Any]) -> None:
     if v is None:
         raise StoreError(f"{url}/zarr.json: no schema_version attribute, expected {SCHEMA_VERSION} (not an mtscale store?)")
     if v != SCHEMA_VERSION:
-        raise StoreError(f"{url}/zarr.json: schema_version {v!r}, expected {SCHEMA_VERSION} (written by another mtscale version?)")
+        raise StoreError(f"{url}/zarr.json: schema_version {v!r}, "
+                         f"expected {SCHEMA_VERSION} (written by another mtscale version?)")
     missing = [k for k in REQUIRED_ATTRS if k not in attrs]
     if missing:
         raise StoreError(f"{url}/zarr.json: missing attributes {missing}, expected {list(REQUIRED_ATTRS)}")
@@ -351,7 +361,8 @@ def format_info(info: dict[str, Any]) -> str:
         f"layout       {info['layout']} (V={info['num_joints']}, M={info['num_bodies']}, C={info['num_coords']}), "
         f"{info['dtype']}, units {info['units']}",
         f"format       {info.get('format')}   schema v{info['schema_version']}   mtscale {info.get('mtscale_version')}",
-        f"on disk      {_human(info.get('bytes_on_disk'))}  chunk {info['chunk_frames']} frames, shard {info['shard_frames']} frames, {info.get('compressor')}",
+        f"on disk      {_human(info.get('bytes_on_disk'))}  chunk {info['chunk_frames']} frames, "
+        f"shard {info['shard_frames']} frames, {info.get('compressor')}",
         f"created      {info.get('created')}",
     ]
     if info.get("preprocessing"):

@@ -17,7 +17,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
@@ -26,12 +27,22 @@ import zarr
 from zarr.codecs import BloscCodec
 
 import mtscale
-from mtscale.files import atomic_write
 from mtscale.data.layouts import get_layout
 from mtscale.data.manifest import build_manifest, checksum_bytes, clean_fields, concat_manifests, count_bodies
-from mtscale.data.store import (FRAMES, MANIFEST, REPORT, SCHEMA_VERSION, Store, is_local, join, store_exists,
-                                url_to_fs, zarr_store)
+from mtscale.data.store import (
+    FRAMES,
+    MANIFEST,
+    REPORT,
+    SCHEMA_VERSION,
+    Store,
+    is_local,
+    join,
+    store_exists,
+    url_to_fs,
+    zarr_store,
+)
 from mtscale.errors import StoreError
+from mtscale.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +87,7 @@ class StoreWriter:
             "dtype": dtype, "units": "m", "format": None, "preprocessing": None, "class_names": None,
             "num_classes": None, "chunk_frames": self.chunk_frames, "shard_frames": self.shard_frames,
             "compressor": COMPRESSOR if compress else "none", "mtscale_version": mtscale.__version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
         self.attrs.update(attrs or {})
         self._fs, path = url_to_fs(self.url)
@@ -131,7 +142,8 @@ class StoreWriter:
         tail_part = next((t for t in reversed(parts) if t.num_rows), None)
         last = tail_part.slice(tail_part.num_rows - 1).to_pylist()[0] if tail_part is not None else None
         if n_saved != n_rows or (last and last["offset"] + last["length"] != n_frames):
-            raise StoreError(f"{self.work_url}/{PROGRESS}: {n_saved} rows saved, expected {n_rows}; delete {self.work_url} to start over")
+            raise StoreError(f"{self.work_url}/{PROGRESS}: {n_saved} rows saved, expected {n_rows}; "
+                             f"delete {self.work_url} to start over")
         self._parts, self._sealed = parts, n_rows
         self._ids = {sid for t in parts for sid in t.column("sample_id").to_pylist()}
         self._max_label = max((pc.max(t.column("label")).as_py() for t in parts if t.num_rows), default=-1)
@@ -181,9 +193,11 @@ class StoreWriter:
         if x.ndim != 4 or x.shape[0] < 1 or x.shape[2] != V or x.shape[1] > self.num_bodies:
             raise ValueError(f"sample {sample_id!r}: x_TMVC shape {x.shape}, expected (T>=1, M<={self.num_bodies}, {V}, C)")
         if self._frames is not None and x.shape[3] != self._frames.shape[3]:
-            raise ValueError(f"sample {sample_id!r}: {x.shape[3]} coordinates, expected {self._frames.shape[3]} like the samples before")
+            raise ValueError(f"sample {sample_id!r}: {x.shape[3]} coordinates, "
+                             f"expected {self._frames.shape[3]} like the samples before")
         if self._buf is not None and x.shape[3] != self._buf.shape[3]:
-            raise ValueError(f"sample {sample_id!r}: {x.shape[3]} coordinates, expected {self._buf.shape[3]} like the samples before")
+            raise ValueError(f"sample {sample_id!r}: {x.shape[3]} coordinates, "
+                             f"expected {self._buf.shape[3]} like the samples before")
         if sample_id in self._ids:
             raise StoreError(f"sample_id {sample_id!r}: appended twice, expected unique sample ids")
         if x.shape[1] < self.num_bodies:

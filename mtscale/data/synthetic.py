@@ -43,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from mtscale.files import atomic_write
 from mtscale.data import body_model as bm
+from mtscale.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -245,13 +245,13 @@ class _Fixed:
         """Fill ``out`` (R, k, width), a uint8 (strided) view; digit p of all values is the
         (k, R) view ``out[:, :, p].T``, written in cache-sized blocks of values. ``fill=False``:
         ``out`` already holds ``self.template``."""
-        W, I, dec = self.width, self.int_digits, self.dec
+        W, ni, dec = self.width, self.int_digits, self.dec
         col = [out_RKW[:, :, p].T for p in range(W)]  # (k, R) views
         col[0][...] = self.sign
         if fill:
             col[W - 1][...] = self.template[-1]
             if dec:
-                col[I + 1][...] = self.template[I + 1]
+                col[ni + 1][...] = self.template[ni + 1]
         k, R = self.f.shape
         ten = self.f.dtype.type(10)
         q = np.empty((k, min(R, _BLOCK)), self.f.dtype)
@@ -265,13 +265,13 @@ class _Fixed:
                 np.multiply(qb, ten, out=tb)
                 np.subtract(rem, tb, out=col[W - 2 - j][:, sl], casting="unsafe")
                 rem, qb = qb, rem
-            for i in range(I):  # integer digits, right to left; leading zeros are padding
+            for i in range(ni):  # integer digits, right to left; leading zeros are padding
                 np.floor_divide(rem, ten, out=qb)
                 np.multiply(qb, ten, out=tb)
                 np.subtract(rem, tb, out=tb)
                 if i:
                     tb += (rem == 0) * self.f.dtype.type(_PAD)
-                np.copyto(col[I - i][:, sl], tb, casting="unsafe")
+                np.copyto(col[ni - i][:, sl], tb, casting="unsafe")
                 rem, qb = qb, rem
 
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from mtscale.files import atomic_path, atomic_write
 from mtscale.errors import BadInputError, ConfigError
+from mtscale.files import atomic_path, atomic_write
 from mtscale.train.state import prune_dirs
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def _safe_globals() -> list[Any]:
     except ImportError:  # pragma: no cover
         pass
     try:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 
         out += [LossScaler, DynamicLossScaler]
     except ImportError:  # pragma: no cover
@@ -143,7 +144,7 @@ def resume(engine: Any, run_dir: str | Path) -> dict[str, Any] | None:
             with safe_torch_load():
                 path, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                                       load_lr_scheduler_states=True)
-        except Exception as e:  # noqa: BLE001 - any failure to read this tag means: try the previous one
+        except Exception as e:
             err = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         failed = all_reduce_flag(path is None or client is None, torch.device(device))
         if not failed:
@@ -260,7 +261,7 @@ def read_safetensors(path: Path, expected: str) -> tuple[dict[str, torch.Tensor]
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118 - safe_open is not iterable
     except (SafetensorError, OSError, ValueError) as e:
         if isinstance(e, OSError) and getattr(e, "errno", None) is not None:
             raise
@@ -285,7 +286,6 @@ def parse_meta(raw: str, where: str, required: tuple[str, ...]) -> dict[str, Any
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the MotionTransformer from an exported file and load its weights exactly:
     a missing, unexpected or mis-shaped key is an error naming them."""
-    from safetensors import safe_open
 
     from mtscale.config import ModelConfig, from_dict
     from mtscale.models.encoder import MotionTransformer

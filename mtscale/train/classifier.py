@@ -330,5 +330,5 @@ def check_keys(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel / torch.compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+        model = getattr(model, "module", None) or model._orig_mod
     return model

@@ -12,15 +12,16 @@ import contextlib
 import functools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from mtscale.config import PretrainTrainConfig, TrainConfig
-from mtscale.train.schedule import warmup_cosine
 from mtscale.errors import ConfigError
 from mtscale.models.encoder import full_shape, no_weight_decay
+from mtscale.train.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 

@@ -193,8 +193,14 @@ def run_ensemble(inputs: list[str], *, split: str = "test", weights: str = "auto
                  out_dir: str | None = None) -> dict[str, Any]:
     """Combine the ``split`` scores of ``inputs`` (see the module docstring); write the outputs
     into ``out_dir`` (default ``ensemble_<split>``) and return the metrics."""
-    from mtscale.train.metrics import (ENSEMBLE_HEADER, append_results_md, classification_metrics,
-                                       confusion_matrix, ensemble_row, save_confusion)
+    from mtscale.train.metrics import (
+        ENSEMBLE_HEADER,
+        append_results_md,
+        classification_metrics,
+        confusion_matrix,
+        ensemble_row,
+        save_confusion,
+    )
 
     if len(inputs) < 1:
         raise ConfigError("ensemble: no runs given, expected one or more run dirs or scores files")

@@ -6,22 +6,19 @@ Axis letters: N samples, K classes, D feature width.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mtscale.config import DataConfig
 from mtscale.data.loader import model_mask
-from mtscale.train.runtime import Runtime, all_gather_objects, setup_runtime
 from mtscale.train.finetune_data import rows_loader
+from mtscale.train.runtime import Runtime, all_gather_objects, setup_runtime
 
 log = logging.getLogger(__name__)
 

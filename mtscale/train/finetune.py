@@ -26,8 +26,9 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,18 +39,23 @@ from mtscale.config import FinetuneConfig, to_dict
 from mtscale.data.store import Store
 from mtscale.dist import all_reduce_flag
 from mtscale.errors import ConfigError
-from mtscale.train.classifier import (WEIGHTS, build_classifier, build_encoder, check_keys, save_classifier,
-                                      unwrap)
-from mtscale.train.finetune_data import Splits, make_splits
-from mtscale.train.evaluate import classifier_forward, score_rows
-from mtscale.train.runtime import Runtime, setup_runtime
-from mtscale.train.state import capture_rng, prune_dirs, restore_rng
 from mtscale.files import atomic_path
-from mtscale.train.metrics import (append_results_md, classification_metrics, confusion_matrix, hardware_summary,
-                                   mean_std, results_row, save_confusion)
-
+from mtscale.train.classifier import WEIGHTS, build_classifier, build_encoder, check_keys, save_classifier, unwrap
+from mtscale.train.evaluate import classifier_forward, score_rows
+from mtscale.train.finetune_data import Splits, make_splits
+from mtscale.train.metrics import (
+    append_results_md,
+    classification_metrics,
+    confusion_matrix,
+    hardware_summary,
+    mean_std,
+    results_row,
+    save_confusion,
+)
 from mtscale.train.rundir import FINETUNE_KEEP, MetricsLog, StopFlag, check_resume, check_run_dir, start_run_dir, write_json
+from mtscale.train.runtime import Runtime, setup_runtime
 from mtscale.train.scores import sample_ids, scores_file, write_scores
+from mtscale.train.state import capture_rng, prune_dirs, restore_rng
 from mtscale.train.trainers import FullTrainer, LinearProbe
 
 log = logging.getLogger(__name__)
@@ -87,7 +93,7 @@ def _run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None, resume
         cfg = dataclasses.replace(cfg, seeds=None, train=dataclasses.replace(cfg.train, seed=int(cfg.seeds[0])))
     t0, c0 = time.perf_counter(), time.process_time()
     seed = cfg.train.seed
-    rt = setup_runtime(cfg.train.device, cfg.train.precision)
+    rt = setup_runtime(cfg.train.device, cfg.train.precision, run_dir=Path(cfg.run.dir) if cfg.run.dir else None)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # the same initial weights on every rank
@@ -107,7 +113,7 @@ def _run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None, resume
     trainer_cls = LinearProbe if cfg.protocol == "linear" else FullTrainer
     trainer = trainer_cls(cfg, model, store, splits, rt)
     if rt.world.is_main:  # only now: a config or data error above leaves no half-made run dir behind
-        start_run_dir(run_dir, cfg)
+        start_run_dir(run_dir, cfg, facts={"precision": rt.precision, "device_type": rt.device.type})
     start, best, before = 0, {"val_top1": -math.inf, "epoch": -1}, {"wall_s": 0.0, "cpu_s": 0.0}
     partial = None
     resume = Path(resume_from) if resume_from is not None else _latest_checkpoint(run_dir)

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from mtscale.config import DataConfig, FinetuneConfig
-from mtscale.data.loader import ClipDataset, Selection, StatefulLoader
 from mtscale.data.augment import BatchAugment
+from mtscale.data.loader import ClipDataset, Selection, StatefulLoader
 from mtscale.data.order import make_blocks
 from mtscale.data.subsets import grouped_fraction_subset, label_fraction_subset
 from mtscale.errors import ConfigError

@@ -17,8 +17,8 @@ from __future__ import annotations
 import csv
 import math
 import platform
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 

@@ -14,9 +14,11 @@ Run directory (``run.dir``): ``config.yaml`` (resolved), ``ds_config.json``, ``m
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -24,10 +26,19 @@ from mtscale.config import PretrainConfig, to_dict
 from mtscale.dist import World, all_reduce_flag, barrier, init_distributed, select_device, shutdown
 from mtscale.errors import ConfigError, NonFiniteLossError
 from mtscale.train import checkpoint as ckpt
-from mtscale.train.engine import DTYPES, batch_geometry, build_engine, deepspeed_config, resolve_precision
-from mtscale.train.rundir import (EXIT_PREEMPTED, PRETRAIN_KEEP, MetricsLog, StopFlag, check_resume, check_run_dir,
-                                  plot_loss, start_run_dir, write_json)
-from mtscale.train.runtime import setup_logging
+from mtscale.train.engine import DTYPES, batch_geometry, build_engine, deepspeed_config
+from mtscale.train.rundir import (
+    EXIT_PREEMPTED,
+    PRETRAIN_KEEP,
+    MetricsLog,
+    StopFlag,
+    check_resume,
+    check_run_dir,
+    plot_loss,
+    start_run_dir,
+    write_json,
+)
+from mtscale.train.runtime import run_precision, setup_logging
 from mtscale.train.state import capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
@@ -62,7 +73,7 @@ def _run(cfg: PretrainConfig, world: World, device: torch.device, backend: str, 
     check_resume(run_dir, to_dict(cfg), PRETRAIN_KEEP)  # before anything is written
     tr = cfg.train
     geo = batch_geometry(tr, world.world_size)
-    precision = resolve_precision(tr.precision, device.type)
+    precision = run_precision(tr.precision, device, run_dir)
     ds_config = deepspeed_config(tr, world_size=world.world_size, device_type=device.type, precision=precision)
     log.info("device %s, backend %s, precision %s, ZeRO %d, world %d, batch %d = %d x %d ranks x %d accum",
              device, backend, precision, tr.zero_stage, world.world_size, geo.global_batch_size,
@@ -90,7 +101,7 @@ def _run(cfg: PretrainConfig, world: World, device: torch.device, backend: str, 
     cfg_dict = to_dict(cfg)
     layout = store.layout.name
     if world.is_main:  # only now: a config or store error above leaves no half-made run dir behind
-        start_run_dir(run_dir, cfg)
+        start_run_dir(run_dir, cfg, facts={"precision": precision, "device_type": device.type})
         write_json(run_dir / "ds_config.json", ds_config)
 
     client = ckpt.resume(engine, run_dir)
@@ -304,7 +315,7 @@ def _check_window(window: list[tuple[int, torch.Tensor, list[torch.Tensor]]], ac
 def _grad_norm(engine: Any) -> float:
     try:
         g = engine.get_global_grad_norm()
-    except Exception:  # noqa: BLE001 - not every DeepSpeed path tracks it
+    except Exception:
         return float("nan")
     return float(g) if g is not None else float("nan")
 

@@ -20,6 +20,7 @@ checkpoint (run the same command again to resume), 1 an internal error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -28,9 +29,9 @@ from typing import Any
 
 import yaml
 
-from mtscale.files import atomic_write
 from mtscale.config import get_dotted
 from mtscale.errors import ConfigError
+from mtscale.files import atomic_write
 
 EXIT_PREEMPTED = 75
 """A run stopped by a signal after checkpointing (EX_TEMPFAIL: try again; SLURM templates requeue)."""
@@ -75,14 +76,28 @@ def is_run_dir(p: Path) -> bool:
     return (p / RUN_MARK).is_file() or ((p / "config.yaml").is_file() and any((p / m).exists() for m in RUN_MARKERS))
 
 
-def start_run_dir(run_dir: Path, cfg: Any) -> None:
+def start_run_dir(run_dir: Path, cfg: Any, facts: dict[str, Any] | None = None) -> None:
     """Make ``run_dir`` a run: the mark first, then the resolved ``config.yaml`` (atomically),
-    so a kill at any moment leaves a folder that the same command resumes."""
+    so a kill at any moment leaves a folder that the same command resumes. ``facts``: what was
+    decided at the start and must hold for the whole run (the precision ``auto`` chose), kept in
+    the mark; a resume reads them back (``run_facts``) instead of deciding again."""
     from mtscale.config import save_config
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_MARK).write_text("an mtscale run directory: run the same command again to resume it\n")
+    old = run_facts(run_dir)
+    atomic_write(run_dir / RUN_MARK, json.dumps({"about": "an mtscale run directory: run the same command again to "
+                                                 "resume it", **(facts or {}), **old}, indent=2, sort_keys=True) + "\n")
     save_config(cfg, run_dir / "config.yaml")
+
+
+def run_facts(run_dir: Path) -> dict[str, Any]:
+    """The facts ``start_run_dir`` recorded for ``run_dir`` ({} for a new run, or one from before
+    facts were recorded)."""
+    try:
+        facts = json.loads((Path(run_dir) / RUN_MARK).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in facts.items() if k != "about"} if isinstance(facts, dict) else {}
 
 
 def check_resume(run_dir: Path, new: dict[str, Any], keep: tuple[str, ...]) -> None:
@@ -122,10 +137,8 @@ class StopFlag:
         self.signum: int | None = None
         self._old = {}
         for s in signals:
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread
                 self._old[s] = signal.signal(s, self._handler)
-            except ValueError:  # not the main thread
-                pass
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.signum = signum

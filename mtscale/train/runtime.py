@@ -10,6 +10,7 @@ import contextlib
 import logging
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,14 +39,37 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
 
-def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
-    """World from the environment (deepspeed / torchrun / SLURM / none), the device, and a
-    gloo (CPU) or nccl (CUDA) process group when world size > 1."""
+def setup_runtime(device: str = "auto", precision: str = "auto", run_dir: Path | None = None) -> Runtime:
+    """World from the environment (deepspeed / torchrun / SLURM / none), the device, a gloo
+    (CPU) or nccl (CUDA) process group when world size > 1, and the precision (``run_precision``)."""
     world = World.from_env()
     dev = select_device(world, device)
     if world.world_size > 1 and not dist.is_initialized():
         init_distributed(world, dev, with_deepspeed=False)
-    return Runtime(world, dev, resolve_precision(precision, dev.type))
+    return Runtime(world, dev, run_precision(precision, dev, run_dir))
+
+
+def run_precision(requested: str, device: torch.device, run_dir: Path | None = None) -> str:
+    """The precision of this run, the same on every rank and for the whole run.
+
+    An explicit precision is used as given (``resolve_precision`` checks it). ``auto`` on a CPU
+    is a timing measurement, so near its threshold two processes can decide differently: ranks
+    agree on fp32 if any of them measured bf16 slow, and a resumed run (``run_dir`` recorded it
+    in its mark, ``rundir.run_facts``) keeps the precision it started with."""
+    from mtscale.dist import all_reduce_flag
+    from mtscale.train.rundir import run_facts
+
+    if requested != "auto":
+        return resolve_precision(requested, device.type)
+    facts = run_facts(run_dir) if run_dir is not None else {}
+    if facts.get("precision") and facts.get("device_type") == device.type:
+        log.info("precision auto -> %s (as this run started: %s)", facts["precision"], run_dir)
+        return str(facts["precision"])
+    chosen = resolve_precision("auto", device.type)
+    if all_reduce_flag(chosen == "fp32", device) and chosen != "fp32":
+        log.info("precision auto -> fp32 (another rank measured bf16 slower than needed)")
+        chosen = "fp32"
+    return chosen
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -5,7 +5,7 @@ converts its epochs to steps first)."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 
 def warmup_cosine(*, warmup: int, total: int, floor: float) -> Callable[[int], float]:

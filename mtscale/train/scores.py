@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from mtscale.files import atomic_path
 from mtscale.errors import BadInputError
+from mtscale.files import atomic_path
 
 SCORES_FORMAT = "mtscale-scores/1"
 META_KEY = b"mtscale"
@@ -69,7 +69,7 @@ class Scores:
     def num_classes(self) -> int:
         return int(self.scores_NK.shape[1])
 
-    def sorted_by_id(self) -> "Scores":
+    def sorted_by_id(self) -> Scores:
         """The same rows ordered by sample id (how runs are aligned)."""
         o = np.argsort(self.sample_ids, kind="stable")
         return Scores(self.sample_ids[o], self.labels[o], self.scores_NK[o], self.rows[o], self.meta, self.path)

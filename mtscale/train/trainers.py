@@ -36,11 +36,11 @@ from mtscale.errors import ConfigError
 from mtscale.models.encoder import param_groups_lrd
 from mtscale.train.classifier import fold_standardisation, unwrap
 from mtscale.train.engine import batch_geometry
-from mtscale.train.schedule import warmup_cosine
-from mtscale.train.finetune_data import Splits, rows_loader
 from mtscale.train.evaluate import classifier_forward, score_rows
-from mtscale.train.runtime import Runtime
+from mtscale.train.finetune_data import Splits, rows_loader
 from mtscale.train.metrics import classification_metrics
+from mtscale.train.runtime import Runtime
+from mtscale.train.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-from mtscale.config import FinetuneConfig, from_dict, read_yaml_mapping, to_dict
+from mtscale.config import FinetuneConfig, from_dict, get_dotted, read_yaml_mapping, set_dotted, to_dict
 from mtscale.errors import ConfigError
 from mtscale.tuning.settings import TuneConfig
-from mtscale.config import get_dotted, set_dotted
 from mtscale.tuning.space import Dim, flatten_overrides, parse_space, pbt_mutations, to_param_space
 
 log = logging.getLogger(__name__)

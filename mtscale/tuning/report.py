@@ -62,7 +62,8 @@ def trial_tables(grid: Any, sweep: Sweep) -> tuple[Any, Any]:
             "trial_id": trial_id, "status": _status(result, sweep.max_t),
             "error": None if result.error is None else str(result.error).splitlines()[0][:500],
             "epochs": int(m.get("training_iteration", 0)), "time_total_s": float(m.get("time_total_s", 0.0)),
-            metric: m.get(metric), f"best_{metric}": (max(finite) if sweep.cfg.mode == "max" else min(finite)) if finite else None,
+            metric: m.get(metric),
+            f"best_{metric}": (max(finite) if sweep.cfg.mode == "max" else min(finite)) if finite else None,
             "path": str(result.path),
         }
         for k in keys:

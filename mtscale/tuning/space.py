@@ -93,9 +93,8 @@ def parse_dim(key: str, spec: Any, where: str = "space") -> Dim:
     if len(args) != 2:
         raise ConfigError(f"{path}.{kind}: found {len(args)} values, expected [low, high]")
     low, high = (_number(a, f"{path}.{kind}") for a in args)
-    if kind == "randint":
-        if not all(isinstance(a, int) for a in (low, high)):
-            raise ConfigError(f"{path}.randint: found {list(args)}, expected two integers")
+    if kind == "randint" and not all(isinstance(a, int) for a in (low, high)):
+        raise ConfigError(f"{path}.randint: found {list(args)}, expected two integers")
     if not low < high:
         raise ConfigError(f"{path}.{kind}: found [{low}, {high}], expected low < high")
     if kind == "loguniform" and low <= 0:

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 FAIL_MARKER = "fail_first_attempt.marker"
 """Written in the trial dir by the fault-injection knob ``fail_first_attempt`` before it raises."""
 
+RUN_DIR = "finetune"
+"""The trial's fine-tuning run dir, in its trial dir."""
+
 # Ray fills these in itself; a fine-tuning metric of the same name would be overwritten.
 _RAY_RESERVED = frozenset({
     "done", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "trial_id",
@@ -47,6 +50,44 @@ def trial_finetune_dict(base: dict, trial_config: dict[str, Any], run_dir: str |
         set_dotted(data, key, value, where="space")
     data.setdefault("run", {})["dir"] = str(run_dir)
     return data
+
+
+def restore_run_dir(checkpoint: Any, trial_dir: Path) -> Path | None:
+    """Copy the trial's fine-tuning run dir back from its folder in the experiment before it
+    resumes there; returns the run dir, or None when there was nothing to copy.
+
+    The trial dir a trial writes in is Ray's staging folder of the driver's Ray session, synced
+    to ``<experiment>/<trial>`` (the storage path). A resumed sweep is a new session with a new,
+    empty staging folder: the trial would resume its weights from the checkpoint but start a new
+    run dir, whose ``metrics.jsonl`` (from the resume epoch on) then overwrites the whole one in
+    the experiment. The trial's earlier files are in the storage copy, next to its checkpoint.
+    ``checkpoints/`` stays behind (the resume point is the checkpoint Ray hands over); a retry
+    within the session (the run dir is still there) and a PBT exploit (another trial's
+    checkpoint) copy nothing."""
+    import shutil
+    from pathlib import PurePosixPath
+
+    import pyarrow.fs as pafs
+
+    run_dir = trial_dir / RUN_DIR
+    src_trial = PurePosixPath(checkpoint.path).parent
+    if run_dir.exists() or src_trial.name != trial_dir.name:
+        return None
+    fs, src = checkpoint.filesystem, f"{src_trial}/{RUN_DIR}"
+    if fs.get_file_info(src).type != pafs.FileType.Directory:
+        return None
+    tmp = trial_dir / f"{RUN_DIR}.restoring"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+        rel = PurePosixPath(info.path).relative_to(src)
+        if info.type != pafs.FileType.File or rel.parts[0] == "checkpoints":
+            continue
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(info.path) as f_in, open(tmp / rel, "wb") as f_out:
+            shutil.copyfileobj(f_in, f_out)
+    tmp.rename(run_dir)
+    return run_dir
 
 
 def limit_threads(cpus: float) -> int:
@@ -93,7 +134,7 @@ def finetune_trainable(config: dict[str, Any], *, base: dict, cpus_per_trial: fl
     ctx = tune.get_context()
     trial_dir = Path(ctx.get_trial_dir())
     trial_dir.mkdir(parents=True, exist_ok=True)
-    data = trial_finetune_dict(base, config, trial_dir / "finetune")
+    data = trial_finetune_dict(base, config, trial_dir / RUN_DIR)
     cfg = from_dict(FinetuneConfig, data)
 
     resume_from: Path | None = None
@@ -106,6 +147,8 @@ def finetune_trainable(config: dict[str, Any], *, base: dict, cpus_per_trial: fl
             shutil.rmtree(restore_dir)
         resume_from = Path(checkpoint.to_directory(str(restore_dir)))
         log.info("trial %s resumes from %s", ctx.get_trial_id(), checkpoint.path)
+        if restore_run_dir(checkpoint, trial_dir) is not None:
+            log.info("trial %s: run dir %s copied back from the experiment", ctx.get_trial_id(), trial_dir / RUN_DIR)
 
     marker = trial_dir / FAIL_MARKER
 

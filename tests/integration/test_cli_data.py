@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -50,7 +49,8 @@ def test_synth_prepare_info_verify_merge(tmp_path: Path):
     merged = Store.open(tmp_path / "merged").info()
     assert merged["num_frames"] == info["num_frames"] and merged["label_counts"] == info["label_counts"]
     # an existing store is never overwritten
-    again = mtscale("prepare", "--format", "ntu", "--input", str(tmp_path / "raw"), "--out", str(tmp_path / "st"), "--quiet", ok=False)
+    again = mtscale("prepare", "--format", "ntu", "--input", str(tmp_path / "raw"), "--out", str(tmp_path / "st"), "--quiet",
+                    ok=False)
     assert again.returncode == 2 and "already exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
 
 

@@ -127,7 +127,7 @@ def test_full_disk_then_room_resumes_to_the_same_store(raw: Path, reference_stor
 def _pretrain_cmd(store: Path, run_dir: Path) -> list[str]:
     sets = {"data.store": store, "run.dir": run_dir, "train.max_steps": 12, "train.ckpt_every": 2,
             "train.keep_checkpoints": 2, "train.log_every": 1, "run.progress": "false", "run.tensorboard": "false",
-            "data.num_workers": 1}
+            "data.num_workers": 1, "train.precision": "fp32"}  # fp32: two separate starts must not measure apart
     return _cmd("pretrain", "--config", str(ROOT / "configs" / "pretrain" / "tiny_cpu.yaml"),
                 *sum((["--set", f"{k}={v}"] for k, v in sets.items()), []))
 
@@ -163,7 +163,8 @@ def test_pretrain_killed_anywhere_resumes_to_the_same_curve(reference_store, ref
 
 
 def _finetune_cmd(store: Path, run_dir: Path) -> list[str]:
-    sets = ["protocol=scratch", "epochs=3", "warmup_epochs=0.5", "train.batch_size=16", "run.progress=false",
+    sets = ["protocol=scratch", "epochs=3", "warmup_epochs=0.5", "train.batch_size=16",
+            "train.precision=fp32", "run.progress=false",  # fp32: reference and killed run must not measure apart
             "run.tensorboard=false", f"data.store={store}", f"run.dir={run_dir}"]
     return _cmd("finetune", "--config", str(ROOT / "configs" / "finetune" / "tiny_cpu.yaml"),
                 *sum((["--set", s] for s in sets), []))

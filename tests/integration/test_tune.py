@@ -4,6 +4,7 @@ a real ASHA sweep of the real fine-tuning loop, its outputs, reproducing the bes
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -65,7 +66,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
                  "num_workers": 0, "shuffle_buffer": 64, "crop_min": 0.9},
         "model": MODEL,
         "train": {"seed": 0, "batch_size": 8, "lr": 1e-3, "min_lr": 0.0, "weight_decay": 0.0, "device": "cpu",
-                  "precision": "fp32", "log_every": 1},
+                  "precision": "fp32"},
         "run": {"dir": "unused", "progress": False, "tensorboard": False, "export_encoder": False},
     }
     (root / "ft_base.yaml").write_text(yaml.safe_dump(base))
@@ -174,10 +175,8 @@ def test_sigkilled_sweep_resumes_without_rerunning_finished_trials(assets):
         proc.wait(timeout=30)
     finally:
         time.sleep(3)
-        try:  # Ray's processes started by that driver: end the group we created, by its id
+        with contextlib.suppress(ProcessLookupError):  # Ray's processes of that driver: end the group we made
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert not (exp / "trials.parquet").exists()
     finished_logs = {}
     for tid in finished:

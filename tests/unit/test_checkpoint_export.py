@@ -15,8 +15,8 @@ from mtscale.config import ModelConfig, to_dict
 from mtscale.errors import BadInputError
 from mtscale.models.encoder import MotionTransformer
 from mtscale.train.checkpoint import load_encoder, prune, save_encoder
-from mtscale.train.state import capture_rng, restore_rng
 from mtscale.train.rundir import MetricsLog
+from mtscale.train.state import capture_rng, restore_rng
 
 META = {"model": to_dict(ModelConfig(size="tiny")), "clip_frames": 8, "num_bodies": 2, "num_joints": 25,
         "in_chans": 3, "layout": "ntu25", "step": 3}

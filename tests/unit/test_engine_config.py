@@ -4,9 +4,9 @@ optimizer follow the device, batch geometry and the LR schedule are right."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 from mtscale.config import PretrainTrainConfig
 from mtscale.errors import ConfigError

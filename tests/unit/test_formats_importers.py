@@ -59,7 +59,8 @@ def test_ctrgcn_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(BadInputError, match="last axis of 99"):
         ctrgcn_npz.list_units(str(p))
     ctrgcn_npz._labels.cache_clear()
-    np.savez(p, x_train=np.zeros((2, 10, 150)), y_train=np.array([[1, 1], [0, 1]]), x_test=np.zeros((1, 10, 150)), y_test=np.zeros(1, int))
+    np.savez(p, x_train=np.zeros((2, 10, 150)), y_train=np.array([[1, 1], [0, 1]]), x_test=np.zeros((1, 10, 150)),
+             y_test=np.zeros(1, int))
     with pytest.raises(BadInputError, match=r"y_train\[0\] is not one-hot"):
         ctrgcn_npz.list_units(str(p))
     (tmp_path / "x.npz").write_text("hello")

@@ -79,7 +79,8 @@ def test_bad_inputs(tmp_path: Path, name, sk, label, needle) -> None:
 
 def test_nan_and_invalid_json(tmp_path: Path) -> None:
     p = tmp_path / "a01_s01_e00_v01.json"
-    p.write_text('{"file_name": "a01_s01_e00_v01", "skeletons": [' + ",".join(["[" + ",".join(["[1, NaN, 2]"] * 20) + "]"]) + "]}")
+    p.write_text('{"file_name": "a01_s01_e00_v01", "skeletons": ['
+                 + ",".join(["[" + ",".join(["[1, NaN, 2]"] * 20) + "]"]) + "]}")
     with pytest.raises(BadInputError, match=r"skeletons\[0\]\[0\] is not finite"):
         list(nw_ucla.read_unit(str(p)))
     p.write_text('{"file_name": \n "a01')

@@ -227,7 +227,8 @@ def test_memory_store_with_workers_is_refused(mem_store):
 def test_reads_whole_blocks_not_samples(mem_store, monkeypatch):
     calls = []
     orig = type(mem_store).read_frames
-    monkeypatch.setattr(type(mem_store), "read_frames", lambda self, a, b, out=None: calls.append((a, b)) or orig(self, a, b, out))
+    monkeypatch.setattr(type(mem_store), "read_frames",
+                        lambda self, a, b, out=None: calls.append((a, b)) or orig(self, a, b, out))
     idx, _ = _epoch(build_loader(mem_store, _cfg(shuffle_buffer=1000), batch_size=50, seed=0))
     assert len(idx) == 300
     assert len(calls) <= mem_store.num_frames // 512 + 2  # about one read per chunk, not 300

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from mtscale.config import FinetuneConfig, DataConfig, load_config
+from mtscale.config import DataConfig, FinetuneConfig, load_config
 from mtscale.data.store_writer import write_store
 from mtscale.errors import ConfigError
 from mtscale.train import metrics as M
 from mtscale.train.classifier import fold_standardisation
-from mtscale.train.finetune_data import make_splits
 from mtscale.train.evaluate import gather_by_index
+from mtscale.train.finetune_data import make_splits
 from mtscale.train.trainers import smoothed_targets, soft_cross_entropy
 
 
@@ -96,7 +96,8 @@ def test_label_smoothing_targets_and_loss():
     assert t[0, 2] == pytest.approx(0.925) and t[0, 0] == pytest.approx(0.025)
     logits = torch.randn(2, 4)
     hard = smoothed_targets(torch.tensor([2, 0]), 4, 0.0)
-    assert soft_cross_entropy(logits, hard) == pytest.approx(float(torch.nn.functional.cross_entropy(logits, torch.tensor([2, 0]))), abs=1e-6)
+    want = float(torch.nn.functional.cross_entropy(logits, torch.tensor([2, 0])))
+    assert soft_cross_entropy(logits, hard) == pytest.approx(want, abs=1e-6)
 
 
 def test_gather_by_index_single_process_checks_exactness():

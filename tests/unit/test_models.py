@@ -11,8 +11,15 @@ import torch
 from mtscale.config import ModelConfig
 from mtscale.errors import ConfigError
 from mtscale.models import layers
-from mtscale.models.encoder import (SIZES, ClassifierHead, MotionTransformer, count_parameters, layer_id_for,
-                                    param_groups_lrd, size_table)
+from mtscale.models.encoder import (
+    SIZES,
+    ClassifierHead,
+    MotionTransformer,
+    count_parameters,
+    layer_id_for,
+    param_groups_lrd,
+    size_table,
+)
 
 PKG = Path(__file__).resolve().parents[2] / "mtscale"
 N, T, M, V, C = 3, 16, 2, 5, 3

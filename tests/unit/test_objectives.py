@@ -159,7 +159,7 @@ def test_loss_falls_on_fixed_batch(tok: str, kind: str) -> None:
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     losses = []
     # MAE-style patch models see 5 of 20 tokens per body: they need more steps to memorise.
-    for step in range(80 if tok == "patch" and kind != "motion_flow" else 40):
+    for _step in range(80 if tok == "patch" and kind != "motion_flow" else 40):
         loss, metrics = m(x, mask, keys, step=0, seed=0)
         assert metrics["loss"].item() == pytest.approx(loss.item())
         opt.zero_grad()

@@ -278,7 +278,9 @@ def test_parallel_strict_keeps_parts_then_resumes_with_other_workers(syn_dir: Pa
 
 
 _KILL_PARALLEL = _KILL_SCRIPT.replace("workers=1", "workers=2").replace(
-    "P.process_unit = slow", "P.process_unit = slow\nimport multiprocessing as mp\nP._pool_context = lambda: mp.get_context('fork')  # workers inherit the slow-down")
+    "P.process_unit = slow",
+    "P.process_unit = slow\nimport multiprocessing as mp\n"
+    "P._pool_context = lambda: mp.get_context('fork')  # workers inherit the slow-down")
 
 
 def test_parallel_resume_after_sigkill(syn_dir: Path, reference: Store, tmp_path: Path):

@@ -51,7 +51,7 @@ def test_round_trip_local(tmp_path: Path, dtype: str):
     assert s.frames.shape == (s.num_frames, M, V, C) and str(s.frames.dtype) == dtype
     assert s.num_classes == 4 and s.class_names == ["a", "b", "c", "d"] and s.attrs["format"] == "test"
     assert s.attrs["chunk_frames"] == 32 and s.attrs["shard_frames"] == 128
-    for i, (sid, x, label, fields) in enumerate(samples):
+    for i, (sid, x, label, _fields) in enumerate(samples):
         got = s.read_sample(i)
         assert got.dtype == np.float32 and got.shape == x.shape
         if dtype == "float32":
@@ -185,13 +185,15 @@ def test_verify_detects_wrong_checksum_and_manifest_problems(tmp_path: Path):
     col[4] = "0" * 16
     import pyarrow as pa
 
-    pq.write_table(t.set_column(t.column_names.index("checksum"), "checksum", pa.array(col)), tmp_path / "st" / "manifest.parquet")
+    pq.write_table(t.set_column(t.column_names.index("checksum"), "checksum", pa.array(col)),
+                   tmp_path / "st" / "manifest.parquet")
     problems = Store.open(tmp_path / "st").verify(progress=False)
     assert len(problems) == 1 and "row 4 (s0004)" in problems[0] and "expected 0000000000000000" in problems[0]
     # offsets beyond the frames array are refused at open
     off = t.column("length").to_pylist()
     off[-1] += 5
-    pq.write_table(t.set_column(t.column_names.index("length"), "length", pa.array(off, pa.int32())), tmp_path / "st" / "manifest.parquet")
+    pq.write_table(t.set_column(t.column_names.index("length"), "length", pa.array(off, pa.int32())),
+                   tmp_path / "st" / "manifest.parquet")
     with pytest.raises(StoreError, match=r"end at frame \d+, expected \d+ \(frames array length\)"):
         Store.open(tmp_path / "st")
     ids = t.column("sample_id").to_pylist()
@@ -253,13 +255,14 @@ def test_resume_from_commit_point_is_byte_identical(tmp_path: Path):
 def test_merge(tmp_path: Path):
     a = make_samples(25, seed=1, prefix="a")
     b = make_samples(17, seed=2, prefix="b")
-    sa = write_store(tmp_path / "a", a, layout="ntu25", num_bodies=M, attrs={"format": "t", "ingest": {"num_skipped": 1}}, **SMALL)
+    sa = write_store(tmp_path / "a", a, layout="ntu25", num_bodies=M, attrs={"format": "t", "ingest": {"num_skipped": 1}},
+                     **SMALL)
     write_store(tmp_path / "b", b, layout="ntu25", num_bodies=M, attrs={"format": "t", "ingest": {"num_skipped": 2}}, **SMALL)
     summary = merge_stores([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "m"), progress=False)
     assert summary["num_samples"] == 42
     m = Store.open(tmp_path / "m")
     assert m.num_frames == sum(len(x) for _, x, _, _ in a + b) and m.attrs["ingest"]["num_skipped"] == 3
-    for i, (sid, x, label, f) in enumerate(a + b):
+    for i, (_sid, x, _label, _f) in enumerate(a + b):
         np.testing.assert_array_equal(m.read_sample(i), x.astype(np.float16).astype(np.float32))
     assert m.manifest.column("checksum").to_pylist()[25:] == Store.open(tmp_path / "b").manifest.column("checksum").to_pylist()
     assert m.manifest.column("camera").to_pylist() == [r[3]["camera"] for r in a + b]

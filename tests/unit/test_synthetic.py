@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtscale.data.formats import ntu
 from mtscale.data import body_model as bm
+from mtscale.data.formats import ntu
 from mtscale.data.synthetic import format_fields, format_rows, render_chunk, render_sample, synthesize
 
 K = 8
@@ -59,7 +59,7 @@ def test_format_fields_matches_printf() -> None:
     v[:3] = (0.0, -0.0, -4e-9)  # zero, negative zero, rounds to zero
     for dec in range(0, 8):
         got = format_fields(v, dec).decode()
-        want = ["%.*f" % (dec, x) for x in v]
+        want = [f"{x:.{dec}f}" for x in v]
         assert got.endswith(" ") and "  " not in got
         for g, w in zip(got.split(), want, strict=True):
             assert g == w or (float(w) == 0 and g == w.lstrip("-")), (dec, g, w)
@@ -81,7 +81,7 @@ def test_format_rows_matches_a_printf_writer() -> None:
     text = got.tobytes().translate(None, b"\0").decode()
 
     def f(v: float, d: int) -> str:
-        s = "%.*f" % (d, v)
+        s = f"{v:.{d}f}"
         return s.lstrip("-") if float(s) == 0 else s
 
     want = []

@@ -7,10 +7,9 @@ import math
 import pytest
 import yaml
 
-from mtscale.config import from_dict, load_config
+from mtscale.config import apply_overrides, from_dict, load_config, set_dotted
 from mtscale.errors import ConfigError
 from mtscale.tuning.settings import TuneConfig
-from mtscale.config import apply_overrides, set_dotted
 from mtscale.tuning.space import flatten_overrides, grid_size, parse_space, pbt_mutations, to_param_space
 from mtscale.tuning.trainable import _scalar_metrics, trial_finetune_dict
 

@@ -119,7 +119,7 @@ def list_units(input_path: str, layout: str | None = None) -> Listing:
 
     units: list[GenericUnit] = []
     seen: dict[str, int] = {}
-    for n, (line, r) in enumerate(body):
+    for n, (line, _r) in enumerate(body):
         sid = cols["id"][n].strip()
         if not sid or "/" in sid or "\\" in sid:
             raise BadInputError(str(csv_path), line, f"id {sid!r}", "a file name without folders")
@@ -181,7 +181,8 @@ def read_unit(unit: GenericUnit) -> Iterator[RawSample]:
     if unit.csv_line is None:
         raise BadInputError(unit.npy_path, None, f"no row for id {unit.sample_id!r} in {LABELS}", "a labels row for every .npy")
     if not path.is_file():
-        raise BadInputError(str(path.parent / LABELS), unit.csv_line, f"id {unit.sample_id!r} has no file {path.name}", "an .npy per listed id")
+        raise BadInputError(str(path.parent / LABELS), unit.csv_line, f"id {unit.sample_id!r} has no file {path.name}",
+                            "an .npy per listed id")
     try:
         x = np.load(path, allow_pickle=False)
     except (ValueError, EOFError, OSError) as e:  # pickled objects, empty, truncated, unreadable

@@ -123,7 +123,7 @@ def split_fields(meta: dict[str, int]) -> dict[str, str | None]:
     """The standard NTU-60 (xsub, xview) and NTU-120 (xsub, xset) protocols."""
     s, c, p, a = meta["setup"], meta["camera"], meta["performer"], meta["action"]
     is60 = a <= 60 and s <= 17
-    tt = lambda train: "train" if train else "test"  # noqa: E731
+    tt = lambda train: "train" if train else "test"
     return {
         "split_xsub60": tt(p in NTU60_XSUB_TRAIN) if is60 else None,
         "split_xview60": tt(c in NTU60_XVIEW_TRAIN) if is60 else None,
@@ -275,7 +275,8 @@ def _walk_checked(lines: list[bytes], path: str) -> tuple[int, list[int], list[i
         i += 1
         for _ in range(nb):
             if i >= n_lines:
-                raise BadInputError(path, i + 1, f"file ends after {n_lines} lines", f"a body line (frame {f + 1} of {num_frames})")
+                raise BadInputError(path, i + 1, f"file ends after {n_lines} lines",
+                                    f"a body line (frame {f + 1} of {num_frames})")
             body_lines.append(i)
             frame_of.append(f)
             i += 1

@@ -41,7 +41,7 @@ def parse_name(name: str, where: str) -> dict[str, int]:
     a, s, e, v = (int(g) for g in m.groups())
     if a not in ACTION_TO_LABEL:
         raise BadInputError(where, None, f"action id a{a:02d} in {name!r}",
-                            f"one of {['a%02d' % k for k in ACTION_TO_LABEL]}")
+                            f"one of {[f'a{k:02d}' for k in ACTION_TO_LABEL]}")
     return {"action": a, "subject": s, "environment": e, "view": v}
 
 

@@ -73,7 +73,7 @@ def safe_load(path: str) -> Any:
         return RestrictedUnpickler(io.BytesIO(data), path).load()
     except BadInputError:
         raise
-    except Exception as e:  # noqa: BLE001  (any unpickling failure is a bad input)
+    except Exception as e:
         raise BadInputError(path, None, f"unreadable pickle ({type(e).__name__}: {e})", "a PYSKL annotation pickle") from None
 
 
