@@ -38,14 +38,18 @@ def run_tune(cfg: TuneConfig, *, config_path: str | Path | None = None, address:
 
     sweep = resolve(cfg, config_path)
     started = init_ray(cfg, address)
+    stopped = _forward_stop_signals()
     try:
         grid = run_sweep(sweep, resume=resume)
         summary = write_outputs_to_experiment(grid, sweep)
     finally:
+        stopped.restore()
         if started:
             import ray
 
             ray.shutdown()
+    if stopped.raised:
+        summary["interrupted_by_signal"] = stopped.signum
     if not is_url(sweep.experiment_dir):
         (Path(sweep.experiment_dir) / "tune_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     errors = sum(1 for r in grid if r.error is not None)
@@ -53,6 +57,31 @@ def run_tune(cfg: TuneConfig, *, config_path: str | Path | None = None, address:
         log.warning("%d of %d trials errored after %d retries each (see trials.parquet)",
                     errors, len(grid), cfg.max_failures)
     return summary
+
+
+def _forward_stop_signals():
+    """SIGTERM (a scheduler's preemption or time limit) and SIGINT (Ctrl-C) to the driver: recorded,
+    then handed to Ray Tune as SIGUSR1, on which it saves the experiment state one last time and
+    returns (``ray.init`` would otherwise turn SIGTERM into an exit without that save). The
+    caller then exits ``EXIT_PREEMPTED``: ``--resume`` continues the sweep."""
+    import os
+    import signal
+
+    from mtscale.train.rundir import StopFlag
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours forwards it; Tune keeps its SIGUSR1 handler
+
+    class Forward(StopFlag):
+        def _handler(self, signum, frame):
+            first = self.signum is None
+            super()._handler(signum, frame)
+            if first:
+                log.warning("signal %d: asking Ray Tune to save the sweep's state and stop (again to force)", signum)
+                os.kill(os.getpid(), signal.SIGUSR1)
+            else:
+                raise KeyboardInterrupt
+
+    return Forward((signal.SIGTERM, signal.SIGINT))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(World.from_env())  # rank-prefixed, as every entry point logs
     summary = run_tune(cfg, config_path=args.config, address=args.address, resume=args.resume)
+    if summary.get("interrupted_by_signal") is not None:
+        from mtscale.train.rundir import EXIT_PREEMPTED
+
+        log.warning("interrupted by signal %d: the sweep's state is saved in %s; run the same command with --resume "
+                    "to continue it (exit %d)", summary["interrupted_by_signal"], summary["experiment_dir"],
+                    EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
     if args.json:
         print(json.dumps(summary, default=str))
     else:

@@ -1,14 +1,14 @@
 """``mtscale tune --resume`` reproduces the uninterrupted sweep (issue 28).
 
-The same small sweep runs once straight through, and once interrupted with SIGINT while a
+The same small sweep runs once straight through, and once interrupted with SIGTERM while a
 trial is between its first checkpoint and its last epoch, then resumed with ``--resume``. Every
 trial's per-epoch metrics must equal the uninterrupted sweep's, no epoch report missing or
 doubled. Real local Ray, the real fine-tuning loop, a tiny store.
 
-SIGINT (or SIGUSR1) is what Ray Tune 2.x catches: it ends the loop and saves the experiment
-state one last time. SIGTERM is not Tune's: ``ray.init`` makes it ``sys.exit`` in the driver,
-which skips that last save (``--resume`` then gets the latest periodic snapshot, as after the
-SIGKILL of test_tune.py)."""
+SIGINT / SIGUSR1 are what Ray Tune 2.x catches (it ends the loop and saves the experiment state
+one last time); SIGTERM, what a scheduler sends, ``ray.init`` would turn into a ``sys.exit``
+without that save, so ``mtscale tune`` forwards SIGTERM and SIGINT to Tune as SIGUSR1 and then
+exits 75 (preempted). This test sends SIGTERM."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 from test_tune import MODEL, _env, _mtscale, _tables, _tune_yaml
+
+from mtscale.train.rundir import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +97,9 @@ def _state(exp: Path) -> dict[str, tuple[str, int, int]]:
 
 
 def _interrupt(cfg: Path, exp: Path, log_path: Path) -> None:
-    """Start the sweep, SIGINT its driver once a trial is past its first checkpoint, wait for it.
+    """Start the sweep, SIGTERM its driver (what SLURM sends at preemption or the time limit) once
+    a trial is past its first checkpoint, wait for it: the driver hands the signal to Tune
+    (``mtscale.tune._forward_stop_signals``), which saves the state, and exits 75.
 
     A function trainable starts its next epoch only once the driver has taken its last report
     and registered that report's checkpoint (Tune's synchronous reporting), so a trial folder
@@ -112,14 +116,16 @@ def _interrupt(cfg: Path, exp: Path, log_path: Path) -> None:
                 pytest.fail(f"the sweep {'ended' if proc.poll() is not None else 'stalled'} before a trial reported "
                             f"its second epoch; nothing was interrupted:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, signal.SIGTERM)
         rc = proc.wait(timeout=120)
     finally:
         time.sleep(2)
         with contextlib.suppress(ProcessLookupError):  # Ray's processes of that driver: the group we created
             os.killpg(proc.pid, signal.SIGKILL)
     out = log_path.read_text()
-    assert rc == 0 and "Experiment has been interrupted, but the most recent state was saved" in out, out[-3000:]
+    assert rc == EXIT_PREEMPTED, f"exit {rc}:\n{out[-3000:]}"
+    assert "Experiment has been interrupted, but the most recent state was saved" in out, out[-3000:]
+    assert "run the same command with --resume" in out, out[-3000:]
 
 
 def _per_trial(trials, epochs) -> dict[float, object]:
