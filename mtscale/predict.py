@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-FORMATS = ("ntu", "nw-ucla", "generic", "ctrgcn-npz", "pyskl")
+from mtscale.data.formats import FORMATS
 
 
 def build_parser() -> argparse.ArgumentParser:

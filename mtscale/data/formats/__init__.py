@@ -61,6 +61,8 @@ _MODULES = {
     "ctrgcn-npz": "mtscale.data.formats.ctrgcn_npz",
     "pyskl": "mtscale.data.formats.pyskl",
 }
+FORMATS = tuple(_MODULES)
+"""The ``--format`` names of prepare, predict and quickstart."""
 
 
 @dataclass

@@ -1,0 +1,275 @@
+"""The quickstart pipeline behind ``mtscale quickstart`` (entry point: ``mtscale/quickstart.py``).
+
+Each stage runs the real command a user would type (``mtscale synth | prepare``, ``deepspeed
+mtscale/pretrain.py``, ``mtscale finetune | tune``) as a subprocess, its output teed to
+``<workdir>/logs/<stage>.log``; a finished stage leaves ``<workdir>/.done/<stage>.json`` and is
+skipped on re-run, a half-finished one resumes from its own checkpoints. ``run_quickstart``
+runs them in order and writes ``summary.md`` / ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mtscale.errors import ConfigError, MtscaleError
+from mtscale.files import atomic_write
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+# Sizes of the default run (--quick: the CI variant).
+PROFILES = {
+    "default": dict(samples=600, classes=6, clip=32, pre_steps=200, pre_batch=32, ft_epochs=6,
+                    lin_epochs=20, tune_epochs=3, tune_samples=2),
+    "quick": dict(samples=240, classes=4, clip=16, pre_steps=40, pre_batch=16, ft_epochs=3,
+                  lin_epochs=5, tune_epochs=2, tune_samples=2),
+}
+
+
+class Pipeline:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.work = Path(args.workdir).resolve()
+        self.prof = PROFILES["quick" if args.quick else "default"]
+        self.done_dir = self.work / ".done"
+        self.store = self.work / "store"
+        self.split = args.split or ("view" if args.format == "nw-ucla" else "xsub120")
+        self.log_dir = self.work / "logs"
+
+    # ------------------------------------------------------------------ helpers
+    def _done(self, stage: str) -> dict | None:
+        f = self.done_dir / f"{stage}.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def _mark(self, stage: str, info: dict) -> dict:
+        atomic_write(self.done_dir / f"{stage}.json", json.dumps(info, indent=2, default=str))
+        return info
+
+    def _run(self, stage: str, cmd: list[str], env: dict | None = None) -> None:
+        """Run one stage's command, its output teed to logs/<stage>.log; fail with its tail."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{stage}.log"
+        print(f"\n[{stage}] $ {shlex.join(cmd)}", flush=True)
+        with open(log_path, "a") as log:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **(env or {})}, cwd=self.work)
+            assert proc.stdout is not None
+            # newline="" keeps tqdm's "\r" updates apart from finished lines: a progress bar is
+            # redrawn in place on a terminal, finished lines are filtered and printed.
+            for line in io.TextIOWrapper(proc.stdout, encoding="utf-8", errors="replace", newline=""):
+                log.write(line)
+                if line.endswith("\r") or "\r" in line.rstrip("\n"):
+                    if sys.stdout.isatty():
+                        sys.stdout.write("\r  " + line.strip("\r\n")[:150].ljust(150) + "\r")
+                        sys.stdout.flush()
+                elif self._show(line):
+                    sys.stdout.write(f"  {line}")
+                    sys.stdout.flush()
+            rc = proc.wait()
+            if sys.stdout.isatty():
+                sys.stdout.write("\r" + " " * 154 + "\r")
+        if rc != 0:  # one line: the stage's own error line, else its last line (the log's tail on stdout)
+            tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-15:]
+            why = next((ln for ln in reversed(tail) if ln.startswith("mtscale ") and ": error: " in ln), None)
+            if why is None:
+                print("".join(f"  | {ln}\n" for ln in tail), end="", flush=True)
+                why = tail[-1] if tail else "no output"
+            raise MtscaleError(f"stage {stage} failed (exit {rc}): {why.strip()}; log {log_path}")
+
+    @staticmethod
+    def _show(line: str) -> bool:
+        keep = ("step", "epoch", "top-1", "top1", "prepared", "wrote", "error", "Error", "resum", "trial", "best",
+                "Trial", "samples")
+        noise = ("DeprecationWarning", "[INFO]", "[WARNING]", "spawned with command")  # launcher chatter
+        return any(k in line for k in keep) and not any(n in line for n in noise)
+
+    def _mtscale(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "mtscale.cli", *args]
+
+    # ------------------------------------------------------------------ stages
+    def synth(self) -> dict:
+        raw = self.work / "raw"
+        if self.args.data:
+            return {"raw": str(Path(self.args.data).resolve()), "synthetic": False}
+        if (info := self._done("synth")) is not None:
+            return info
+        shutil.rmtree(raw, ignore_errors=True)
+        p = self.prof
+        self._run("synth", self._mtscale("synth", "--out", str(raw), "--num-samples", str(p["samples"]),
+                                         "--num-classes", str(p["classes"]), "--seed", "0", "--workers", "2"))
+        return self._mark("synth", {"raw": str(raw), "synthetic": True})
+
+    def prepare(self, raw: str) -> dict:
+        if (info := self._done("prepare")) is not None:
+            return info
+        self._run("prepare", self._mtscale("prepare", "--format", self.args.format, "--input", raw,
+                                           "--out", str(self.store), "--workers", "2"))
+        from mtscale.data.store import Store
+
+        info = Store.open(str(self.store)).info()
+        splits = info.get("splits", {}).get(f"split_{self.split}") or info.get("splits", {}).get(self.split)
+        if not splits:
+            raise ConfigError(f"--split: store {self.store} has no split {self.split!r}; "
+                              f"found {sorted(info.get('splits', {}))}")
+        return self._mark("prepare", {"num_samples": info["num_samples"], "num_frames": info["num_frames"],
+                                      "splits": info.get("splits", {}), "num_classes": len(info["label_counts"])})
+
+    def pretrain(self) -> dict:
+        run = self.work / "pretrain"
+        if (info := self._done("pretrain")) is not None:
+            return info
+        p = self.prof
+        sets = [f"data.store={self.store}", f"run.dir={run}", f"train.max_steps={p['pre_steps']}",
+                f"train.batch_size={p['pre_batch']}", f"data.clip_frames={p['clip']}",
+                f"data.split={self.split}", "data.part=train", f"train.warmup_steps={max(1, p['pre_steps'] // 10)}",
+                f"train.ckpt_every={max(10, p['pre_steps'] // 3)}", "train.log_every=5"]
+        import torch
+
+        gpus = torch.cuda.device_count()
+        launcher = Path(sys.executable).with_name("deepspeed")
+        if not launcher.exists():
+            launcher = Path(shutil.which("deepspeed") or "deepspeed")
+        nprocs = gpus if gpus > 0 else self.args.procs
+        cmd = [str(launcher), "--num_gpus", str(nprocs), "--master_port", str(_free_port()),
+               str(ROOT / "mtscale" / "pretrain.py"), "--config", str(CONFIGS / "pretrain" / "tiny_cpu.yaml")]
+        for s in sets:
+            cmd += ["--set", s]
+        env = {} if gpus > 0 else {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nprocs))}
+        self._run("pretrain", cmd, env)
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        rows = [r for r in rows if "loss" in r]
+        tail = rows[-5:] if rows else []
+        sps = [r["samples_per_s"] for r in tail if "samples_per_s" in r]
+        return self._mark("pretrain", {
+            "run_dir": str(run), "encoder": str(run / "encoder.safetensors"), "processes": nprocs,
+            "steps": rows[-1].get("step") if rows else None,
+            "loss_first": rows[0]["loss"] if rows else None, "loss_last": rows[-1]["loss"] if rows else None,
+            "samples_per_s": sum(sps) / len(sps) if sps else None,
+            "tokens_per_s": (sum(r["tokens_per_s"] for r in tail if "tokens_per_s" in r) / len(sps)) if sps else None,
+            "loss_png": str(run / "loss.png")})
+
+    def finetune(self, stage: str, protocol: str, encoder: str | None) -> dict:
+        if (info := self._done(stage)) is not None:
+            return info
+        p = self.prof
+        run = self.work / stage
+        epochs = p["lin_epochs"] if protocol == "linear" else p["ft_epochs"]
+        args = ["finetune", "--config", str(CONFIGS / "finetune" / "tiny_cpu.yaml"), "--protocol", protocol,
+                "--set", f"data.store={self.store}", "--set", f"data.split={self.split}",
+                "--set", f"data.clip_frames={p['clip']}", "--set", f"run.dir={run}", "--set", f"epochs={epochs}",
+                "--json"]
+        if encoder:
+            args += ["--pretrained", encoder]
+        if protocol == "linear":
+            args += ["--set", "train.lr=0.01", "--set", "layer_decay=1.0"]
+        self._run(stage, self._mtscale(*args))
+        res = json.loads((run / "results.json").read_text())
+        return self._mark(stage, {k: res.get(k) for k in ("test_top1", "test_top5", "test_top1_best", "val_top1",
+                                                          "wall_s", "cpu_s", "epochs", "run_dir")}
+                          | {"confusion_png": str(run / "final" / "test_confusion.png")})
+
+    def tune(self, encoder: str) -> dict:
+        if (info := self._done("tune")) is not None:
+            return info
+        p = self.prof
+        storage = self.work / "tune"
+        args = ["tune", "--config", str(CONFIGS / "tune" / "tiny_cpu.yaml"),
+                "--set", f"overrides.data.store={self.store}", "--set", f"overrides.data.split={self.split}",
+                "--set", f"overrides.data.clip_frames={p['clip']}", "--set", f"overrides.epochs={p['tune_epochs']}",
+                "--set", f"pretrained={encoder}", "--set", f"storage_path={storage}",
+                "--set", f"num_samples={p['tune_samples']}", "--set", "name=quickstart"]
+        if (storage / "quickstart").is_dir():
+            args.append("--resume")
+        self._run("tune", self._mtscale(*args), {"RAY_USAGE_STATS_ENABLED": "0"})
+        exp = storage / "quickstart"
+        best = json.loads((exp / "best_trial.json").read_text()) if (exp / "best_trial.json").is_file() else {}
+        import pyarrow.parquet as pq
+
+        trials = pq.read_table(exp / "trials.parquet").to_pandas()
+        return self._mark("tune", {"experiment": str(exp), "num_trials": len(trials),
+                                   "statuses": trials["status"].value_counts().to_dict(),
+                                   "best": best, "plots": sorted(str(x) for x in (exp / "plots").glob("*.png"))})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fmt(v: Any, pct: bool = True) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.1f}%" if pct else f"{v:.1f}"
+
+
+def summarize(work: Path, stages: dict[str, dict], wall_s: float) -> str:
+    pre, prep = stages["pretrain"], stages["prepare"]
+    lines = [
+        "# mtscale quickstart summary", "",
+        f"Data: {prep['num_samples']} samples, {prep['num_frames']} frames, {prep['num_classes']} classes "
+        f"(store: `{work / 'store'}`)", "",
+        "| protocol | test top-1 (last epoch) | test top-5 | val top-1 | epochs | wall s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, label in (("scratch", "from scratch"), ("finetune", "fine-tuned from pre-trained"),
+                        ("linear", "linear probe on pre-trained")):
+        r = stages.get(name)
+        if r:
+            lines.append(f"| {label} | {_fmt(r.get('test_top1'))} | {_fmt(r.get('test_top5'))} | "
+                         f"{_fmt(r.get('val_top1'))} | {r.get('epochs')} | {_fmt(r.get('wall_s'), False)} |")
+    lines += ["", f"Pre-training: {pre.get('steps')} steps on {pre.get('processes')} processes, loss "
+              f"{pre.get('loss_first'):.4f} -> {pre.get('loss_last'):.4f}; "
+              f"{_fmt(pre.get('samples_per_s'), False)} samples/s, {pre.get('tokens_per_s') or 0:.3g} tokens/s"
+              if pre.get("loss_first") is not None else "Pre-training: no metrics found"]
+    t = stages.get("tune")
+    if t:
+        best = t.get("best") or {}
+        metric = best.get("value")
+        lines += ["", f"Sweep: {t['num_trials']} trials ({t['statuses']}); best "
+                  f"{best.get('metric', 'val_top1')} = {_fmt(metric) if isinstance(metric, (int, float)) else metric} "
+                  f"with {json.dumps(best.get('config', {}), default=str)}"]
+    plots = [pre.get("loss_png")] + [stages[s].get("confusion_png") for s in ("scratch", "finetune", "linear")
+                                     if stages.get(s)] + (t.get("plots", []) if t else [])
+    lines += ["", "Plots:"] + [f"- `{p}`" for p in plots if p and Path(p).exists()]
+    lines += ["", f"Total wall time: {wall_s:.0f} s"]
+    return "\n".join(lines) + "\n"
+
+
+def run_quickstart(args: argparse.Namespace) -> str:
+    """Every stage in order (see mtscale/quickstart.py); returns the summary text it wrote."""
+    if not CONFIGS.is_dir():
+        raise ConfigError(f"{CONFIGS}: configs folder not found; run the quickstart from a source checkout")
+    if args.data is not None and not Path(args.data).exists():
+        raise ConfigError(f"--data: {args.data} not found, expected a file or folder of raw recordings")
+    if args.procs < 1:
+        raise ConfigError(f"--procs: found {args.procs}, expected >= 1")
+    pipe = Pipeline(args)
+    pipe.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    stages: dict[str, dict] = {}
+    raw = pipe.synth()["raw"]
+    stages["prepare"] = pipe.prepare(raw)
+    stages["pretrain"] = pipe.pretrain()
+    encoder = stages["pretrain"]["encoder"]
+    stages["scratch"] = pipe.finetune("scratch", "scratch", None)
+    stages["finetune"] = pipe.finetune("finetune", "finetune", encoder)
+    stages["linear"] = pipe.finetune("linear", "linear", encoder)
+    if not args.skip_tune:
+        stages["tune"] = pipe.tune(encoder)
+    wall = time.perf_counter() - t0
+    text = summarize(pipe.work, stages, wall)
+    (pipe.work / "summary.md").write_text(text)
+    (pipe.work / "summary.json").write_text(json.dumps({"stages": stages, "wall_s": wall}, indent=2, default=str))
+    return text
