@@ -239,7 +239,7 @@ class TrainConfig:
     """Gradient norm clipping (0 = off)."""
     adam_eps: float = 1e-8
     precision: str = "auto"
-    """auto (CUDA: bf16 where supported, else fp16; CPU: bf16 only where measured >= 1.5x faster
+    """auto (CUDA: bf16 where supported, else fp16; CPU: bf16 only where measured >= 4x faster
     than fp32, else fp32) | fp32 | bf16 | fp16."""
     keep_checkpoints: int = 2
     device: str = "auto"
