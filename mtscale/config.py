@@ -491,8 +491,9 @@ class FinetuneConfig:
     One loop, four protocols: ``finetune`` (pre-trained encoder, all weights train),
     ``linear`` (frozen pre-trained encoder, a linear head on standardised cached features),
     ``semi`` (``finetune`` on a class-stratified ``data.label_fraction`` < 1 of the labels),
-    ``scratch`` (random-init encoder, all weights train). The schedule is in epochs;
-    ``train.max_steps`` / ``train.warmup_steps`` are not used here.
+    ``scratch`` (random-init encoder, all weights train). The schedule is in epochs
+    (``epochs``, ``warmup_epochs``); ``train`` is the shared ``TrainConfig`` (no step counts,
+    no DeepSpeed / ZeRO fields: fine-tuning runs DDP).
     """
 
     protocol: str = "finetune"

@@ -120,6 +120,10 @@ def evaluate_checkpoint(checkpoint: str, store_url: str, *, split: str | None, p
     rt = setup_runtime(device, precision)
     ckpt_dir = resolve_checkpoint(checkpoint)
     model, meta = load_classifier(ckpt_dir, rt.device)
+    if precision == "auto" and meta.get("device_type") == rt.device.type and meta.get("precision") not in (None, rt.precision):
+        # the precision the run trained and scored itself in, so evaluate reproduces its own numbers
+        log.info("precision auto -> %s (as the checkpoint was trained on %s)", meta["precision"], rt.device.type)
+        rt = dataclasses.replace(rt, precision=str(meta["precision"]))
     store = Store.open(store_url)
     if store.layout.name != meta["layout"]:
         raise ConfigError(f"--store: {store_url} has layout {store.layout.name!r}, expected {meta['layout']!r} "

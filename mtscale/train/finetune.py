@@ -106,7 +106,8 @@ def _run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None, resume
     run_dir = check_run_dir(cfg.run.dir)
     if resume_from is None:
         check_resume(run_dir, to_dict(cfg), FINETUNE_KEEP)  # before anything is written
-    meta = _meta(cfg, store, model_dict, source, splits, in_chans=encoder.C)
+    meta = dict(_meta(cfg, store, model_dict, source, splits, in_chans=encoder.C), precision=rt.precision,
+                device_type=rt.device.type)  # evaluate's auto reuses them
     log.info("%s on %s: %s rows, %d classes, encoder %s, device %s (%s), world %d", cfg.protocol, store.url,
              splits.sizes(), store.num_classes, source or "random init", rt.device, rt.precision, rt.world.world_size)
 

@@ -109,7 +109,8 @@ def test_evaluate_reapplies_the_recorded_stream_and_saves_scores(runs, store, tm
 
     run = runs["bone_motion"]
     r = _cli("evaluate", "--checkpoint", str(run), "--store", store, "--split", "xsub60", "--part", "test",
-             "--save-scores", "--out", str(tmp_path / "ev"), "--json", "--quiet")
+             "--save-scores", "--out", str(tmp_path / "ev"), "--json", "--quiet",
+             "--precision", "fp32")  # as the run was trained (tiny_cpu): auto may pick bf16 on an AMX CPU
     assert r.returncode == 0, r.stderr[-2000:]
     ev = json.loads(r.stdout)
     assert ev["stream"] == "bone_motion" and ev["scores"] == str(tmp_path / "ev" / "scores_test.parquet")
@@ -133,6 +134,26 @@ def test_evaluate_reapplies_the_recorded_stream_and_saves_scores(runs, store, tm
     joint = score_rows(classifier_forward(model, probs=True), s, data, s.select(split="xsub60", part="test"),
                        setup_runtime("cpu", "fp32"), batch_size=16)
     assert np.abs(joint - got.scores_NK).max() > 1e-3
+
+
+
+def test_evaluate_auto_precision_is_the_one_the_checkpoint_was_trained_in(runs, store, tmp_path):
+    """A checkpoint records the precision its run trained and scored in; ``evaluate`` (auto)
+    reuses it on the same device type, so it reproduces the run's own numbers on any CPU."""
+    import shutil
+
+    run = runs["joint"]
+    meta = json.loads((run / "final" / "meta.json").read_text())
+    assert (meta["precision"], meta["device_type"]) == ("fp32", "cpu")  # tiny_cpu trains in fp32
+    copy = tmp_path / "final"
+    shutil.copytree(run / "final", copy)
+    (copy / "meta.json").write_text(json.dumps(dict(meta, precision="bf16")))
+    r = _cli("evaluate", "--checkpoint", str(copy), "--store", store, "--split", "xsub60", "--json", "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "precision auto -> bf16 (as the checkpoint was trained on cpu)" in r.stderr, r.stderr[-2000:]
+    r = _cli("evaluate", "--checkpoint", str(copy), "--store", store, "--split", "xsub60", "--json", "--quiet",
+             "--precision", "fp32")  # an explicit choice wins
+    assert r.returncode == 0 and "as the checkpoint was trained" not in r.stderr, r.stderr[-2000:]
 
 
 def test_finetuning_on_another_stream_than_pretraining_is_refused(store, tmp_path):
