@@ -280,6 +280,8 @@ import os, socket, sys
 s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 import torch, deepspeed
+from mtscale.dist import _skip_cpu_shm_comm_build
+_skip_cpu_shm_comm_build()  # as mtscale.dist.init_distributed: no JIT build (a stale build lock hung this)
 deepspeed.init_distributed(dist_backend="gloo")
 from mtscale.config import ModelConfig, ObjectiveConfig
 from mtscale.models.objectives import build_pretrain_model
