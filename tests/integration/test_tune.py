@@ -41,17 +41,17 @@ def _mtscale(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, Path]:
-    """A 96-sample synthetic NTU store (3 classes), a (seeded, randomly initialised) exported
-    encoder in the real ``encoder.safetensors`` format, and a 3-epoch base fine-tuning YAML."""
+def make_assets(root: Path, *, epochs: int, warmup_epochs: float, label_smoothing: float, crop_min: float,
+                batch_size: int, weight_decay: float) -> dict[str, Path]:
+    """In ``root``: a 96-sample synthetic NTU store (3 classes), a (seeded, randomly initialised)
+    exported encoder in the real ``encoder.safetensors`` format, and a base fine-tuning YAML
+    with the given schedule, crop and optimiser values (shared with test_tune_resume.py)."""
     import torch
 
     from mtscale.config import ModelConfig, from_dict
     from mtscale.models.encoder import MotionTransformer
     from mtscale.train.checkpoint import encoder_meta, save_encoder
 
-    root = tmp_path_factory.mktemp("tune")
     _mtscale("synth", "--out", str(root / "raw"), "--num-samples", "96", "--num-classes", "3", "--seed", "0", "--quiet")
     _mtscale("prepare", "--format", "ntu", "--input", str(root / "raw"), "--out", str(root / "store"), "--quiet")
     torch.manual_seed(0)
@@ -60,17 +60,24 @@ def assets(tmp_path_factory) -> dict[str, Path]:
                         layout="ntu25", step=0)
     save_encoder(enc.state_dict(), meta, root / "encoder.safetensors")
     base = {
-        "protocol": "finetune", "epochs": 3, "warmup_epochs": 0, "layer_decay": 1.0, "label_smoothing": 0.0,
-        "val_fraction": 0.25, "test_part": None, "keep_best": False,
+        "protocol": "finetune", "epochs": epochs, "warmup_epochs": warmup_epochs, "layer_decay": 1.0,
+        "label_smoothing": label_smoothing, "val_fraction": 0.25, "test_part": None, "keep_best": False,
         "data": {"store": "store", "split": "xsub60", "part": "train", "clip_frames": 16, "num_bodies": 2,
-                 "num_workers": 0, "shuffle_buffer": 64, "crop_min": 0.9},
+                 "num_workers": 0, "shuffle_buffer": 64, "crop_min": crop_min},
         "model": MODEL,
-        "train": {"seed": 0, "batch_size": 8, "lr": 1e-3, "min_lr": 0.0, "weight_decay": 0.0, "device": "cpu",
-                  "precision": "fp32"},
+        "train": {"seed": 0, "batch_size": batch_size, "lr": 1e-3, "min_lr": 0.0, "weight_decay": weight_decay,
+                  "device": "cpu", "precision": "fp32"},
         "run": {"dir": "unused", "progress": False, "tensorboard": False, "export_encoder": False},
     }
     (root / "ft_base.yaml").write_text(yaml.safe_dump(base))
     return {"root": root, "store": root / "store", "encoder": root / "encoder.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """``make_assets`` with a 3-epoch base fine-tuning YAML."""
+    return make_assets(tmp_path_factory.mktemp("tune"), epochs=3, warmup_epochs=0, label_smoothing=0.0,
+                       crop_min=0.9, batch_size=8, weight_decay=0.0)
 
 
 def _tune_yaml(assets: dict[str, Path], name: str, **fields) -> Path:

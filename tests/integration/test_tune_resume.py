@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from test_tune import MODEL, _env, _mtscale, _tables, _tune_yaml
+from test_tune import _env, _mtscale, _tables, _tune_yaml, make_assets
 
 from mtscale.train.rundir import EXIT_PREEMPTED
 
@@ -39,35 +38,10 @@ CLOSE = ("train_loss", "train_top1", "lr", "val_loss", "val_top1", "val_top5", "
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
-    """A 96-sample synthetic NTU store (3 classes), a seeded random encoder in the real
-    ``encoder.safetensors`` format and a base fine-tuning YAML (random crops and augmentation
-    on: a resumed trial must restore the RNGs to match)."""
-    import torch
-
-    from mtscale.config import ModelConfig, from_dict
-    from mtscale.models.encoder import MotionTransformer
-    from mtscale.train.checkpoint import encoder_meta, save_encoder
-
-    root = tmp_path_factory.mktemp("tune_resume")
-    _mtscale("synth", "--out", str(root / "raw"), "--num-samples", "96", "--num-classes", "3", "--seed", "0", "--quiet")
-    _mtscale("prepare", "--format", "ntu", "--input", str(root / "raw"), "--out", str(root / "store"), "--quiet")
-    torch.manual_seed(0)
-    enc = MotionTransformer.from_config(from_dict(ModelConfig, MODEL), clip_frames=16, num_bodies=2, num_joints=25)
-    meta = encoder_meta({"model": MODEL, "data": {"clip_frames": 16, "num_bodies": 2}}, num_joints=25,
-                        layout="ntu25", step=0)
-    save_encoder(enc.state_dict(), meta, root / "encoder.safetensors")
-    base = {
-        "protocol": "finetune", "epochs": EPOCHS, "warmup_epochs": 1, "layer_decay": 1.0, "label_smoothing": 0.1,
-        "val_fraction": 0.25, "test_part": None, "keep_best": False,
-        "data": {"store": "store", "split": "xsub60", "part": "train", "clip_frames": 16, "num_bodies": 2,
-                 "num_workers": 0, "shuffle_buffer": 64, "crop_min": 0.8},
-        "model": MODEL,
-        "train": {"seed": 0, "batch_size": 4, "lr": 1e-3, "min_lr": 0.0, "weight_decay": 0.05, "device": "cpu",
-                  "precision": "fp32"},
-        "run": {"dir": "unused", "progress": False, "tensorboard": False, "export_encoder": False},
-    }
-    (root / "ft_base.yaml").write_text(yaml.safe_dump(base))
-    return {"root": root, "store": root / "store", "encoder": root / "encoder.safetensors"}
+    """``test_tune.make_assets`` with random crops and augmentation on: a resumed trial must
+    restore the RNGs to match."""
+    return make_assets(tmp_path_factory.mktemp("tune_resume"), epochs=EPOCHS, warmup_epochs=1, label_smoothing=0.1,
+                       crop_min=0.8, batch_size=4, weight_decay=0.05)
 
 
 def _sweep_yaml(assets: dict[str, Path], name: str) -> Path:
