@@ -162,12 +162,12 @@ class MetricsLog:
     the curve of one continuous run, no row missing or doubled. ``first=0``: a new run."""
 
     def __init__(self, run_dir: Path, key: str, first: int, enabled: bool, tensorboard: bool):
-        self.key, self.enabled, self.path, self.tb, self._f = key, enabled, run_dir / "metrics.jsonl", None, None
-        if not enabled:
+        self.key, self.path, self.tb, self._f = key, run_dir / "metrics.jsonl", None, None
+        if not enabled:  # not rank 0: writes nothing (``_f`` stays None)
             return
         if self.path.is_file():
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and first > 0 and json.loads(ln).get(key, 0) < first]
+            keep = [] if first == 0 else [ln for ln in self.path.read_text().splitlines()
+                                          if ln.strip() and json.loads(ln).get(key, 0) < first]
             atomic_write(self.path, "".join(ln + "\n" for ln in keep))
         self._f = self.path.open("a", buffering=1)
         if tensorboard:
