@@ -170,8 +170,15 @@ class ModelConfig:
     normalised skeleton adjacency)."""
     attn_drop: float = 0.0
     """Dropout on the attention weights of the encoder (training only; SkateFormer: 0.5)."""
+    attention: str = "global"
+    """Which tokens attend each other (patch tokens): ``global`` (all) | ``spatial`` (only the
+    joints of the same temporal patch; time is then mixed by ``temporal_conv`` and the position
+    embeddings, as in Hyperformer's / ST-GCN's factorised blocks). Changes what the weights
+    compute: a fine-tuned model keeps its pre-trained encoder's choice."""
 
     def __post_init__(self) -> None:
+        if self.attention not in ("global", "spatial"):
+            raise ConfigError(f"model.attention: found {self.attention!r}, expected global|spatial")
         if self.temporal_conv < 0 or (self.temporal_conv and self.temporal_conv % 2 == 0):
             raise ConfigError(f"model.temporal_conv: found {self.temporal_conv}, expected 0 (off) or an odd width")
         if self.joint_mix not in ("none", "identity", "adjacency"):
@@ -239,8 +246,8 @@ class TrainConfig:
     """Gradient norm clipping (0 = off)."""
     adam_eps: float = 1e-8
     precision: str = "auto"
-    """auto (CUDA: bf16 where supported, else fp16; CPU: bf16 only where measured >= 4x faster
-    than fp32, else fp32) | fp32 | bf16 | fp16."""
+    """auto (CUDA: bf16 where supported, else fp16; CPU: fp32, see train/engine.resolve_precision)
+    | fp32 | bf16 | fp16."""
     keep_checkpoints: int = 2
     device: str = "auto"
     """auto (cuda:LOCAL_RANK when CUDA is visible, else cpu) | cpu | cuda."""

@@ -74,7 +74,8 @@ class MotionTransformer(nn.Module):
                  num_joints: int = 25, in_chans: int = 3, patch_frames: int = 4,
                  drop_path: float = 0.0, qkv_bias: bool = True, attn_backend: str = "auto",
                  checkpoint_activations: bool = False, rel_bias: bool = False, temporal_conv: int = 0,
-                 joint_mix: str = "none", attn_drop: float = 0.0, parents: tuple[int, ...] | None = None):
+                 joint_mix: str = "none", attn_drop: float = 0.0, attention: str = "global",
+                 parents: tuple[int, ...] | None = None):
         super().__init__()
         if tokenization not in ("frame", "patch"):
             raise ConfigError(f"model.tokenization: found {tokenization!r}, expected 'frame' or 'patch'")
@@ -104,7 +105,12 @@ class MotionTransformer(nn.Module):
             mix_init = normalized_adjacency(tuple(parents))
         elif joint_mix != "none":  # identity, or adjacency rebuilt for loading (weights overwrite it)
             mix_init = torch.eye(num_joints)
+        if attention not in ("global", "spatial"):
+            raise ConfigError(f"model.attention: found {attention!r}, expected global|spatial")
+        if attention != "global" and tokenization != "patch":
+            raise ConfigError(f"model.attention: found {attention!r} with tokenization 'frame', expected patch tokens")
         self.temporal_conv, self.joint_mix, self.attn_drop = temporal_conv, joint_mix, attn_drop
+        self.attention = attention
         self.transformer = Transformer(dim, depth, heads, mlp_ratio, drop_path, qkv_bias, attn_backend,
                                        checkpoint_activations, attn_drop=attn_drop, grid=self.grid,
                                        temporal_conv=temporal_conv, mix_init=mix_init)
@@ -135,7 +141,7 @@ class MotionTransformer(nn.Module):
                    drop_path=cfg.drop_path, qkv_bias=getattr(cfg, "qkv_bias", True),
                    attn_backend=cfg.attn_backend, checkpoint_activations=cfg.checkpoint_activations,
                    rel_bias=cfg.rel_bias, temporal_conv=cfg.temporal_conv, joint_mix=cfg.joint_mix,
-                   attn_drop=cfg.attn_drop, parents=parents)
+                   attn_drop=cfg.attn_drop, attention=cfg.attention, parents=parents)
 
     # ------------------------------------------------------------------ tokens
     @property
@@ -196,11 +202,25 @@ class MotionTransformer(nn.Module):
                      + self.bias_t[:, tt[:, :, None] - tt[:, None, :] + Lt - 1])
         return bias_HBLL.transpose(0, 1)
 
+    def spatial_mask(self, ids_BL: Tensor | None, device: torch.device) -> Tensor | None:
+        """``attention: spatial``: True where two tokens share a temporal patch, (1, 1, L, L) for
+        all L tokens or (B, 1, Lk, Lk) for the tokens ``ids_BL``; None with global attention."""
+        if self.attention == "global":
+            return None
+        ids = torch.arange(self.num_tokens, device=device)[None] if ids_BL is None else ids_BL
+        tt = ids // self.grid[1]  # token l = tp * V + v
+        return (tt[:, :, None] == tt[:, None, :])[:, None]
+
     def encode(self, h_BLD: Tensor, valid_BL: Tensor | None = None, ids_BL: Tensor | None = None) -> Tensor:
         """Run the transformer (blocks + final norm) on embedded tokens: all L of them, or the
-        subset ``ids_BL`` (B, Lk) (``rel_bias``, ``temporal_conv`` and ``joint_mix`` depend on
-        the tokens' positions)."""
+        subset ``ids_BL`` (B, Lk) (``rel_bias``, ``temporal_conv``, ``joint_mix`` and
+        ``attention: spatial`` depend on the tokens' positions)."""
         mask = key_padding_to_attn_mask(valid_BL)
+        same_t = self.spatial_mask(ids_BL, h_BLD.device)
+        if same_t is not None:
+            allowed = same_t if mask is None else same_t & mask
+            # a query whose whole temporal patch is padding keeps its patch (output ignored, never NaN)
+            mask = allowed | (same_t & ~allowed.any(-1, keepdim=True))
         bias = self.attn_bias(ids_BL)
         if bias is not None:
             bias = bias.to(h_BLD.dtype)

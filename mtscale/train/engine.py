@@ -59,10 +59,10 @@ def resolve_precision(precision: str, device_type: str, *, bf16_fast: bool | Non
     """The precision a run computes in. ``auto`` is decided from what the device can do, never
     from a blanket rule, and logged: on CUDA bf16 where the card supports it, else fp16 (loss
     scaling: DeepSpeed's dynamic scaler in pre-training, ``torch.amp.GradScaler`` in fine-tuning);
-    on a CPU bf16 only where a short GEMM measurement finds it at least ``CPU_BF16_MIN_SPEEDUP``x
-    faster than fp32 (AMX-class Xeons), else fp32. An explicit bf16 on a CPU that is slow at it
-    is allowed, with a warning; on a GPU without bf16 it is an error. ``bf16_fast`` replaces the
-    device query (None: ask the device)."""
+    on a CPU fp32, because a training step in bf16 autocast measured slower than fp32 on every
+    CPU tried, AMX Xeons included (see the note below). An explicit bf16 on a CPU is allowed, with
+    a warning where its GEMM is not even ``CPU_BF16_MIN_SPEEDUP``x fp32; on a GPU without bf16 it
+    is an error. ``bf16_fast`` replaces the device query (None: ask the device)."""
     if precision not in ("auto", *DTYPES):
         raise ConfigError(f"train.precision: found {precision!r}, expected auto|fp32|bf16|fp16")
     if device_type == "cuda":
@@ -79,26 +79,26 @@ def resolve_precision(precision: str, device_type: str, *, bf16_fast: bool | Non
         return "fp32" if precision == "auto" else precision
     if precision == "fp32":
         return precision
-    speedup = None if bf16_fast is not None else cpu_bf16_speedup()
-    fast = bf16_fast if bf16_fast is not None else speedup >= CPU_BF16_MIN_SPEEDUP
     if precision == "auto":
-        log.info("precision auto -> %s (CPU bf16 GEMM %s)", "bf16" if fast else "fp32",
-                 "given as fast" if speedup is None else f"measured at {speedup:.3g}x fp32, bf16 needs "
-                 f">= {CPU_BF16_MIN_SPEEDUP:g}x")
-        return "bf16" if fast else "fp32"
+        log.info("precision auto -> fp32 (CPU: bf16 autocast measured slower than fp32 for a training step "
+                 "on every CPU tried, AMX included; set train.precision=bf16 to use it anyway)")
+        return "fp32"
+    fast = bf16_fast if bf16_fast is not None else cpu_bf16_speedup() >= CPU_BF16_MIN_SPEEDUP
     if not fast:
-        log.warning("train.precision=%s on a CPU that is slow at it (bf16 GEMM %s fp32): expect a slow run",
-                    precision, "slower than" if speedup is None else f"{speedup:.3g}x")
+        log.warning("train.precision=%s on a CPU without fast bf16 (GEMM below %gx fp32): expect a slow run",
+                    precision, CPU_BF16_MIN_SPEEDUP)
     return precision
 
 
-CPU_BF16_MIN_SPEEDUP = 4.0
-"""``precision: auto`` on a CPU picks bf16 only at this measured GEMM speed-up over fp32 or more.
-Measured (benchmarks/bench_precision.py, benchmarks/README.md): the AMD EPYC VMs without bf16
-units ~1/500x; a Zen 4 EPYC with AVX512-BF16 2-3.1x on the 256 x 256 GEMM, yet a real
-pre-training step in bf16 autocast ran at 0.96x fp32 there (NW-UCLA model, 1 thread) -- the
-GEMM overstates what small-width models gain, so 1.5x (the threshold before) chose a slower,
-less exact precision; AMX Xeons are reported at ~6x. The line sits between the two kinds."""
+CPU_BF16_MIN_SPEEDUP = 1.5
+"""An explicit ``bf16`` on a CPU whose bf16 GEMM is not at least this much faster than fp32 gets a
+warning (the AMD EPYC VMs without bf16 units run it at ~1/500x)."""
+
+# Why ``auto`` is fp32 on every CPU (benchmarks/bench_precision.py, benchmarks/README.md): a
+# pre-training step of the NW-UCLA model (width 128, 1 thread) in bf16 autocast against fp32 ran at
+# 0.96x on a Zen 4 EPYC with AVX512-BF16 (256 x 256 GEMM 2-3.1x) and at 0.83x on an AMX Xeon (GEMM
+# 4.3x). The GEMM speed-up, which ``auto`` used to decide from, overstates what a whole step gains:
+# the casts, norms, softmax and small matrices of a CPU-sized model do not speed up.
 
 
 @functools.cache

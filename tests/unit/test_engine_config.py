@@ -58,7 +58,7 @@ def test_precision_per_device() -> None:
     assert resolve_precision("auto", "cuda", bf16_fast=True) == "bf16"
     assert resolve_precision("auto", "cuda", bf16_fast=False) == "fp16"  # e.g. a V100: loss-scaled fp16
     assert resolve_precision("auto", "cpu", bf16_fast=False) == "fp32"
-    assert resolve_precision("auto", "cpu", bf16_fast=True) == "bf16"  # an AMX Xeon
+    assert resolve_precision("auto", "cpu", bf16_fast=True) == "fp32"  # an AMX Xeon: a step is slower in bf16
     assert resolve_precision("bf16", "cpu", bf16_fast=False) == "bf16"  # allowed when asked (with a warning)
     with pytest.raises(ConfigError, match="does not support"):
         resolve_precision("bf16", "cuda", bf16_fast=False)
@@ -67,13 +67,12 @@ def test_precision_per_device() -> None:
     assert fp16["fp16"]["enabled"] is True and fp16["bf16"]["enabled"] is False
 
 
-def test_cpu_auto_precision_is_measured_here() -> None:
-    """On this machine auto agrees with the measured GEMM speed-up (whatever the CPU is)."""
-    from mtscale.train.engine import CPU_BF16_MIN_SPEEDUP, cpu_bf16_speedup
+def test_cpu_bf16_gemm_is_measured_here() -> None:
+    """The GEMM measurement behind the slow-bf16 warning runs on this CPU and gives a ratio."""
+    from mtscale.train.engine import cpu_bf16_speedup
 
-    speedup = cpu_bf16_speedup()
-    assert speedup > 0
-    assert resolve_precision("auto", "cpu") == ("bf16" if speedup >= CPU_BF16_MIN_SPEEDUP else "fp32")
+    assert cpu_bf16_speedup() > 0
+    assert resolve_precision("auto", "cpu") == "fp32"  # whatever the CPU measures
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

@@ -39,18 +39,16 @@ def test_a_run_killed_before_its_first_checkpoint_is_resumable_and_a_foreign_con
     check_resume(run, {"model": {"size": "small"}, "train": {"seed": 1}}, ("model", "train.seed"))
 
 
-def test_a_resumed_run_keeps_the_precision_auto_chose_at_its_start(tmp_path, monkeypatch):
-    """precision auto on a CPU is a timing measurement (this Zen 4 EPYC: bf16 GEMM 2-3.1x fp32
-    depending on load, either side of a threshold near it): a resume must not switch a run's precision."""
+def test_a_resumed_run_keeps_the_precision_auto_chose_at_its_start(tmp_path):
+    """A resume must not switch a run's precision: what auto decides can change between releases
+    (CPU auto was a GEMM timing until 2026-12-06, fp32 now) or machines of one cluster."""
     import torch
 
-    from mtscale.train import engine
     from mtscale.train.rundir import run_facts, start_run_dir
     from mtscale.train.runtime import run_precision
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(engine, "cpu_bf16_speedup", lambda: 8.0)  # an AMX-class measurement, fixed for the test
-    measured, other = "bf16", "fp32"
+    measured, other = "fp32", "bf16"
     run = tmp_path / "run"
     start_run_dir(run, {"train": {"seed": 0}}, facts={"precision": other, "device_type": "cpu"})
     assert run_facts(run) == {"precision": other, "device_type": "cpu"}

@@ -180,3 +180,53 @@ def test_masked_pretraining_runs_with_branches() -> None:
 def test_finetune_config_accepts_the_options() -> None:
     cfg = FinetuneConfig()
     assert cfg.model.temporal_conv == 0 and cfg.model.joint_mix == "none" and cfg.model.attn_drop == 0.0
+
+
+def test_spatial_attention_keeps_each_temporal_patch_to_itself() -> None:
+    """attention: spatial (no conv): changing the frames of one temporal patch changes the tokens of
+    that patch only; with global attention every token moves. Same weights (no new parameters)."""
+    glob, spat = enc(), enc(attention="spatial")
+    assert set(glob.state_dict()) == set(spat.state_dict())
+    spat.load_state_dict(glob.state_dict())
+    glob.eval(), spat.eval()
+    x = x_batch()
+    x2 = x.clone()
+    x2[:, 8:12] += 0.5  # frames of temporal patch 2 (patch_frames 4)
+    Lt = T // 4
+    for model, moved in ((spat, [2]), (glob, list(range(Lt)))):
+        d = (model(x2) - model(x)).abs().reshape(N, Lt, V, -1).amax(dim=(0, 2, 3))
+        assert (d > 1e-4).nonzero().flatten().tolist() == moved
+
+
+def test_spatial_attention_on_visible_tokens_and_padding() -> None:
+    """The masked encoder's path (visible ids) computes what the full path computes when every
+    token is visible; a padded temporal patch gives finite outputs and leaves the others unchanged."""
+    e = enc(attention="spatial", temporal_conv=3).eval()
+    with torch.no_grad():
+        for b in e.transformer.blocks:
+            b.tconv_gate.fill_(0.5)
+    x = x_batch()
+    h = e.embed_tokens(e.tokenize(x))
+    ids = torch.arange(e.num_tokens).expand(h.shape[0], -1)
+    torch.testing.assert_close(e.encode(h, None, ids), e.encode(h, None, None))
+    mask = torch.ones(N, T, dtype=torch.bool)
+    mask[:, 12:] = False  # the last temporal patch is padding
+    out = e(x, mask).reshape(N, T // 4, V, -1)
+    assert torch.isfinite(out).all()
+    m = e.spatial_mask(ids[:1, :2 * V], torch.device("cpu"))
+    assert m.shape == (1, 1, 2 * V, 2 * V) and m[0, 0, 0, V - 1] and not m[0, 0, 0, V]
+
+
+def test_spatial_attention_is_recorded_and_old_files_read_as_global() -> None:
+    from dataclasses import asdict
+
+    assert ModelConfig().attention == "global"
+    d = asdict(ModelConfig(attention="spatial"))
+    assert ModelConfig(**d).attention == "spatial"
+    old = {k: v for k, v in d.items() if k != "attention"}  # an encoder.json written before the option
+    assert ModelConfig(**old).attention == "global"
+    with pytest.raises(ConfigError, match="attention"):
+        ModelConfig(attention="local")
+    with pytest.raises(ConfigError, match="patch"):
+        MotionTransformer.from_config(ModelConfig(tokenization="frame", attention="spatial"),
+                                      clip_frames=T, num_bodies=M, num_joints=V)
