@@ -10,6 +10,7 @@ runs them in order and writes ``summary.md`` / ``summary.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -24,24 +25,14 @@ from typing import Any
 
 from mtscale.errors import ConfigError, MtscaleError
 from mtscale.files import atomic_write
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
-
-# Sizes of the default run (--quick: the CI variant).
-PROFILES = {
-    "default": dict(samples=600, classes=6, clip=32, pre_steps=200, pre_batch=32, ft_epochs=6,
-                    lin_epochs=20, tune_epochs=3, tune_samples=2),
-    "quick": dict(samples=240, classes=4, clip=16, pre_steps=40, pre_batch=16, ft_epochs=3,
-                  lin_epochs=5, tune_epochs=2, tune_samples=2),
-}
+from mtscale.recipes import CONFIGS, ROOT, Recipe, binomial_half_width, data_recipe, demo_recipe
 
 
 class Pipeline:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.work = Path(args.workdir).resolve()
-        self.prof = PROFILES["quick" if args.quick else "default"]
+        self.recipe: Recipe = demo_recipe(args.quick)  # replaced by data_recipe once a --data store exists
         self.done_dir = self.work / ".done"
         self.store = self.work / "store"
         self.split = args.split or ("view" if args.format == "nw-ucla" else "xsub120")
@@ -74,7 +65,7 @@ class Pipeline:
                         sys.stdout.write("\r  " + line.strip("\r\n")[:150].ljust(150) + "\r")
                         sys.stdout.flush()
                 elif self._show(line):
-                    sys.stdout.write(f"  {line}")
+                    sys.stdout.write(f"  [{stage}] {line}")
                     sys.stdout.flush()
             rc = proc.wait()
             if sys.stdout.isatty():
@@ -97,6 +88,14 @@ class Pipeline:
     def _mtscale(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "mtscale.cli", *args]
 
+    def choose_data_recipe(self) -> Recipe:
+        """The ``--data`` recipe, chosen once (its timing measurement) and kept for re-runs."""
+        if (info := self._done("recipe")) is not None:
+            return Recipe(**{k: Path(v) if k.endswith("_config") else v for k, v in info.items()})
+        r = data_recipe(str(self.store), self.split, self.args.minutes, self.args.procs)
+        self._mark("recipe", dataclasses.asdict(r))
+        return r
+
     # ------------------------------------------------------------------ stages
     def synth(self) -> dict:
         raw = self.work / "raw"
@@ -105,7 +104,7 @@ class Pipeline:
         if (info := self._done("synth")) is not None:
             return info
         shutil.rmtree(raw, ignore_errors=True)
-        p = self.prof
+        p = self.recipe.synth
         self._run("synth", self._mtscale("synth", "--out", str(raw), "--num-samples", str(p["samples"]),
                                          "--num-classes", str(p["classes"]), "--seed", "0", "--workers", "2"))
         return self._mark("synth", {"raw": str(raw), "synthetic": True})
@@ -113,8 +112,9 @@ class Pipeline:
     def prepare(self, raw: str) -> dict:
         if (info := self._done("prepare")) is not None:
             return info
+        real = ["--view-normalize", "--dtype", "float32"] if self.args.data else []  # the NW-UCLA store recipe
         self._run("prepare", self._mtscale("prepare", "--format", self.args.format, "--input", raw,
-                                           "--out", str(self.store), "--workers", "2"))
+                                           "--out", str(self.store), "--workers", "2", *real))
         from mtscale.data.store import Store
 
         info = Store.open(str(self.store)).info()
@@ -129,11 +129,9 @@ class Pipeline:
         run = self.work / "pretrain"
         if (info := self._done("pretrain")) is not None:
             return info
-        p = self.prof
-        sets = [f"data.store={self.store}", f"run.dir={run}", f"train.max_steps={p['pre_steps']}",
-                f"train.batch_size={p['pre_batch']}", f"data.clip_frames={p['clip']}",
-                f"data.split={self.split}", "data.part=train", f"train.warmup_steps={max(1, p['pre_steps'] // 10)}",
-                f"train.ckpt_every={max(10, p['pre_steps'] // 3)}", "train.log_every=5"]
+        r = self.recipe
+        sets = [f"data.store={self.store}", f"run.dir={run}", f"data.split={self.split}", "data.part=train",
+                *r.pretrain_sets]
         import torch
 
         gpus = torch.cuda.device_count()
@@ -142,7 +140,7 @@ class Pipeline:
             launcher = Path(shutil.which("deepspeed") or "deepspeed")
         nprocs = gpus if gpus > 0 else self.args.procs
         cmd = [str(launcher), "--num_gpus", str(nprocs), "--master_port", str(_free_port()),
-               str(ROOT / "mtscale" / "pretrain.py"), "--config", str(CONFIGS / "pretrain" / "tiny_cpu.yaml")]
+               str(ROOT / "mtscale" / "pretrain.py"), "--config", str(r.pretrain_config)]
         for s in sets:
             cmd += ["--set", s]
         env = {} if gpus > 0 else {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nprocs))}
@@ -159,36 +157,64 @@ class Pipeline:
             "tokens_per_s": (sum(r["tokens_per_s"] for r in tail if "tokens_per_s" in r) / len(sps)) if sps else None,
             "loss_png": str(run / "loss.png")})
 
-    def finetune(self, stage: str, protocol: str, encoder: str | None) -> dict:
-        if (info := self._done(stage)) is not None:
-            return info
-        p = self.prof
-        run = self.work / stage
-        epochs = p["lin_epochs"] if protocol == "linear" else p["ft_epochs"]
-        args = ["finetune", "--config", str(CONFIGS / "finetune" / "tiny_cpu.yaml"), "--protocol", protocol,
-                "--set", f"data.store={self.store}", "--set", f"data.split={self.split}",
-                "--set", f"data.clip_frames={p['clip']}", "--set", f"run.dir={run}", "--set", f"epochs={epochs}",
-                "--json"]
+    def supervised_cmd(self, stage: str, protocol: str, encoder: str | None) -> list[str]:
+        """The ``mtscale finetune`` command of a supervised stage (scratch | finetune | linear)."""
+        r = self.recipe
+        if protocol == "finetune" and r.labels < 1.0:
+            protocol = "semi"  # fine-tuning on a class-stratified share of the labels
+        sets = [f"data.store={self.store}", f"data.split={self.split}", f"run.dir={self.work / stage}",
+                *r.common_sets, *{"scratch": r.scratch_sets, "finetune": r.finetune_sets, "linear": r.linear_sets}[stage]]
+        args = ["finetune", "--config", str(r.finetune_config), "--protocol", protocol]
+        for s in sets:
+            args += ["--set", s]
         if encoder:
             args += ["--pretrained", encoder]
-        if protocol == "linear":
-            args += ["--set", "train.lr=0.01", "--set", "layer_decay=1.0"]
-        self._run(stage, self._mtscale(*args))
+        return self._mtscale(*args)
+
+    def finetune(self, stage: str, protocol: str, encoder: str | None, env: dict | None = None) -> dict:
+        if (info := self._done(stage)) is not None:
+            return info
+        run = self.work / stage
+        self._run(stage, self.supervised_cmd(stage, protocol, encoder), env)
         res = json.loads((run / "results.json").read_text())
         return self._mark(stage, {k: res.get(k) for k in ("test_top1", "test_top5", "test_top1_best", "val_top1",
-                                                          "wall_s", "cpu_s", "epochs", "run_dir")}
+                                                          "wall_s", "cpu_s", "epochs", "run_dir", "train", "val",
+                                                          "test")}
                           | {"confusion_png": str(run / "final" / "test_confusion.png")})
+
+    def side_by_side(self, jobs: list[tuple[str, str, str | None]]) -> dict[str, dict]:
+        """Several supervised stages at once, one core each (2-core machines: scratch and fine-tuning)."""
+        import threading
+
+        out: dict[str, dict] = {}
+        errors: list[BaseException] = []
+
+        def one(stage: str, protocol: str, encoder: str | None) -> None:
+            try:
+                out[stage] = self.finetune(stage, protocol, encoder, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+            except BaseException as e:  # re-raised below, after the other stage has finished
+                errors.append(e)
+
+        threads = [threading.Thread(target=one, args=job, name=job[0]) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return out
 
     def tune(self, encoder: str) -> dict:
         if (info := self._done("tune")) is not None:
             return info
-        p = self.prof
+        r = self.recipe
         storage = self.work / "tune"
         args = ["tune", "--config", str(CONFIGS / "tune" / "tiny_cpu.yaml"),
                 "--set", f"overrides.data.store={self.store}", "--set", f"overrides.data.split={self.split}",
-                "--set", f"overrides.data.clip_frames={p['clip']}", "--set", f"overrides.epochs={p['tune_epochs']}",
                 "--set", f"pretrained={encoder}", "--set", f"storage_path={storage}",
-                "--set", f"num_samples={p['tune_samples']}", "--set", "name=quickstart"]
+                "--set", f"num_samples={r.tune_samples}", "--set", "name=quickstart"]
+        for kv in [*r.common_sets, f"epochs={r.tune_epochs}"] + (["protocol=semi"] if r.labels < 1.0 else []):
+            args += ["--set", f"overrides.{kv}"]
         if (storage / "quickstart").is_dir():
             args.append("--resume")
         self._run("tune", self._mtscale(*args), {"RAY_USAGE_STATS_ENABLED": "0"})
@@ -214,22 +240,69 @@ def _fmt(v: Any, pct: bool = True) -> str:
     return f"{v:.1f}%" if pct else f"{v:.1f}"
 
 
-def summarize(work: Path, stages: dict[str, dict], wall_s: float) -> str:
+ROWS = (("scratch", "from scratch"), ("finetune", "fine-tuned from the pre-trained encoder"),
+        ("linear", "linear probe on the pre-trained encoder"))
+
+
+def verdict(stages: dict[str, dict], labels: float) -> str:
+    """One plain sentence: did pre-training pay here (fine-tuned vs scratch, same labels and budget)?"""
+    scr, ft, lin = (stages.get(k) or {} for k in ("scratch", "finetune", "linear"))
+    if scr.get("test_top1") is None or ft.get("test_top1") is None:
+        return "Pre-training: no comparison (a stage is missing)."
+    gain = ft["test_top1"] - scr["test_top1"]
+    noise = binomial_half_width(scr["test_top1"], int(scr.get("test") or 0))
+    with_labels = (f"with {labels:.0%} of the labels ({scr.get('train')} labelled clips)" if labels < 1.0
+                   else f"with all {scr.get('train')} labelled training clips")
+    head = (f"Pre-training paid here: +{gain:.1f} points" if gain > 0
+            else f"Pre-training did not pay here: {gain:+.1f} points")
+    s = (f"{head} ({ft['test_top1']:.1f} % fine-tuned against {scr['test_top1']:.1f} % from scratch, {with_labels}, "
+         f"same epochs, batch and seed; one run on {scr.get('test')} test clips, whose 2-standard-error band is "
+         f"about +-{noise:.1f} points)")
+    if lin.get("test_top1") is not None:
+        s += f"; the frozen pre-trained encoder with a linear head reaches {lin['test_top1']:.1f} %"
+    return s + "."
+
+
+def plot_summary(stages: dict[str, dict], out: Path, title: str) -> Path | None:
+    """Bar chart of the test top-1 of each supervised stage (PNG)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        return None
+    names = [(label, stages[k]["test_top1"]) for k, label in ROWS if stages.get(k, {}).get("test_top1") is not None]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    colours = ["#8c8c8c", "#dd8452", "#4c72b0"][:len(names)][::-1]  # scratch grey, pre-trained in colour
+    bars = ax.barh([n for n, _ in names][::-1], [v for _, v in names][::-1], color=colours)
+    for b, (_, v) in zip(bars, names[::-1]):
+        ax.text(b.get_width() + 0.5, b.get_y() + b.get_height() / 2, f"{v:.1f} %", va="center")
+    ax.set_xlim(0, 105)
+    ax.set_xlabel("test top-1 (%), last epoch")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def summarize(work: Path, stages: dict[str, dict], wall_s: float, recipe: Recipe) -> str:
     pre, prep = stages["pretrain"], stages["prepare"]
     lines = [
         "# mtscale quickstart summary", "",
-        f"Data: {prep['num_samples']} samples, {prep['num_frames']} frames, {prep['num_classes']} classes "
-        f"(store: `{work / 'store'}`)", "",
-        "| protocol | test top-1 (last epoch) | test top-5 | val top-1 | epochs | wall s |",
-        "|---|---|---|---|---|---|",
+        f"Recipe: {recipe.name}. Data: {prep['num_samples']} samples, {prep['num_frames']} frames, "
+        f"{prep['num_classes']} classes (store: `{work / 'store'}`)", "",
+        verdict(stages, recipe.labels), "",
+        "| protocol | labelled clips | test top-1 (last epoch) | test top-5 | val top-1 | epochs | wall s |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, label in (("scratch", "from scratch"), ("finetune", "fine-tuned from pre-trained"),
-                        ("linear", "linear probe on pre-trained")):
+    for name, label in ROWS:
         r = stages.get(name)
         if r:
-            lines.append(f"| {label} | {_fmt(r.get('test_top1'))} | {_fmt(r.get('test_top5'))} | "
+            lines.append(f"| {label} | {r.get('train')} | {_fmt(r.get('test_top1'))} | {_fmt(r.get('test_top5'))} | "
                          f"{_fmt(r.get('val_top1'))} | {r.get('epochs')} | {_fmt(r.get('wall_s'), False)} |")
-    lines += ["", f"Pre-training: {pre.get('steps')} steps on {pre.get('processes')} processes, loss "
+    lines += ["", f"Pre-training (no labels): {pre.get('steps')} steps on {pre.get('processes')} processes, loss "
               f"{pre.get('loss_first'):.4f} -> {pre.get('loss_last'):.4f}; "
               f"{_fmt(pre.get('samples_per_s'), False)} samples/s, {pre.get('tokens_per_s') or 0:.3g} tokens/s"
               if pre.get("loss_first") is not None else "Pre-training: no metrics found"]
@@ -237,11 +310,12 @@ def summarize(work: Path, stages: dict[str, dict], wall_s: float) -> str:
     if t:
         best = t.get("best") or {}
         metric = best.get("value")
-        lines += ["", f"Sweep: {t['num_trials']} trials ({t['statuses']}); best "
+        lines += ["", f"Sweep (fine-tuning, same labels): {t['num_trials']} trials ({t['statuses']}); best "
                   f"{best.get('metric', 'val_top1')} = {_fmt(metric) if isinstance(metric, (int, float)) else metric} "
                   f"with {json.dumps(best.get('config', {}), default=str)}"]
-    plots = [pre.get("loss_png")] + [stages[s].get("confusion_png") for s in ("scratch", "finetune", "linear")
-                                     if stages.get(s)] + (t.get("plots", []) if t else [])
+    chart = plot_summary(stages, work / "summary.png", f"{recipe.name}: test top-1")
+    plots = [str(chart) if chart else None, pre.get("loss_png")] + \
+        [stages[s].get("confusion_png") for s, _ in ROWS if stages.get(s)] + (t.get("plots", []) if t else [])
     lines += ["", "Plots:"] + [f"- `{p}`" for p in plots if p and Path(p).exists()]
     lines += ["", f"Total wall time: {wall_s:.0f} s"]
     return "\n".join(lines) + "\n"
@@ -255,21 +329,30 @@ def run_quickstart(args: argparse.Namespace) -> str:
         raise ConfigError(f"--data: {args.data} not found, expected a file or folder of raw recordings")
     if args.procs < 1:
         raise ConfigError(f"--procs: found {args.procs}, expected >= 1")
+    if args.minutes <= 0:
+        raise ConfigError(f"--minutes: found {args.minutes}, expected > 0")
     pipe = Pipeline(args)
     pipe.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     stages: dict[str, dict] = {}
     raw = pipe.synth()["raw"]
     stages["prepare"] = pipe.prepare(raw)
+    if args.data:
+        pipe.recipe = pipe.choose_data_recipe()
+    print(f"\nrecipe: {pipe.recipe.name}" + "".join(f"\n  - {w}" for w in pipe.recipe.why), flush=True)
     stages["pretrain"] = pipe.pretrain()
     encoder = stages["pretrain"]["encoder"]
-    stages["scratch"] = pipe.finetune("scratch", "scratch", None)
-    stages["finetune"] = pipe.finetune("finetune", "finetune", encoder)
+    if pipe.recipe.side_by_side and (os.cpu_count() or 1) >= 2:
+        stages.update(pipe.side_by_side([("scratch", "scratch", None), ("finetune", "finetune", encoder)]))
+    else:
+        stages["scratch"] = pipe.finetune("scratch", "scratch", None)
+        stages["finetune"] = pipe.finetune("finetune", "finetune", encoder)
     stages["linear"] = pipe.finetune("linear", "linear", encoder)
-    if not args.skip_tune:
+    if not args.skip_tune and pipe.recipe.tune_samples > 0:
         stages["tune"] = pipe.tune(encoder)
     wall = time.perf_counter() - t0
-    text = summarize(pipe.work, stages, wall)
-    (pipe.work / "summary.md").write_text(text)
-    (pipe.work / "summary.json").write_text(json.dumps({"stages": stages, "wall_s": wall}, indent=2, default=str))
+    text = summarize(pipe.work, stages, wall, pipe.recipe)
+    atomic_write(pipe.work / "summary.md", text)
+    atomic_write(pipe.work / "summary.json", json.dumps({"recipe": {"name": pipe.recipe.name, "why": pipe.recipe.why},
+                                                          "stages": stages, "wall_s": wall}, indent=2, default=str))
     return text

@@ -1,20 +1,28 @@
 """``mtscale quickstart``: the whole pipeline, end to end, on this machine.
 
     mtscale quickstart [--workdir quickstart] [--quick]
+    mtscale quickstart --data ../shared/data/nw_ucla/all_sqe --format nw-ucla [--minutes 10]
     mtscale quickstart --data /path/to/nturgbd_skeletons --format ntu --split xsub60
+
+Without ``--data`` it demonstrates what the product is for: the label-scarce case, where
+pre-training on all the unlabelled clips is meant to pay. With ``--data`` it trains real models on
+your recordings with a recipe sized from their number and ``--minutes`` (mtscale/recipes.py says
+which recipe and why, and prints it).
 
 Stages (each resumable: a finished stage is skipped on re-run, a half-finished one resumes):
 
 1. ``synth``     synthetic NTU-format ``.skeleton`` files (skipped with ``--data``)
-2. ``prepare``   raw files -> Zarr store + Parquet manifest
-3. ``pretrain``  self-supervised pre-training through the real ``deepspeed`` launcher, 2 CPU
-                 processes (or the GPUs of this machine)
+2. ``prepare``   raw files -> Zarr store + Parquet manifest (``--data``: view-normalised)
+3. ``pretrain``  self-supervised pre-training on the training clips, no labels, through the real
+                 ``deepspeed`` launcher, 2 CPU processes (or the GPUs of this machine)
 4. ``scratch``   supervised training from random init (the baseline)
-5. ``finetune``  the same budget, starting from the pre-trained encoder
-6. ``linear``    linear probe on the frozen pre-trained encoder
-7. ``tune``      a small Ray Tune sweep (ASHA) over fine-tuning hyper-parameters
-8. summary       ``summary.md`` / ``summary.json``: accuracy from scratch vs pre-trained, the
-                 sweep's best, throughput; plots: pre-training loss, confusion matrices, sweep.
+5. ``finetune``  the same labels, epochs and seed, starting from the pre-trained encoder
+                 (``--data``: 4 and 5 run side by side, one core each)
+6. ``linear``    linear probe on the frozen pre-trained encoder, the same labels
+7. ``tune``      a small Ray Tune sweep (ASHA) over fine-tuning hyper-parameters (demo only)
+8. summary       ``summary.md`` / ``summary.json``: one sentence on whether pre-training paid,
+                 the table, ``summary.png`` (bar chart); plots: pre-training loss, confusion
+                 matrices, sweep.
 
 Configs come from ``configs/`` of the source checkout; every value the quickstart changes is
 passed as a visible ``--set`` override and printed, so each stage can be re-run by hand.
@@ -37,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="ntu", choices=FORMATS, help="format of --data")
     p.add_argument("--split", default=None,
                    help="split column to train/test on (default: xsub120 for synthetic/NTU data, view for NW-UCLA)")
+    p.add_argument("--minutes", type=float, default=10.0,
+                   help="--data: time budget the recipe's schedule is sized to (default 10; the demo ignores it)")
     p.add_argument("--procs", type=int, default=2, help="pre-training processes on CPU (default 2)")
     p.add_argument("--skip-tune", action="store_true", help="leave out the Ray Tune stage")
     return p

@@ -1,0 +1,47 @@
+"""The quickstart's recipes (mtscale/recipes.py) and its verdict sentence (mtscale/pipeline.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mtscale.pipeline import verdict
+from mtscale.recipes import binomial_half_width, demo_recipe, val_group
+
+
+def test_validation_holds_out_whole_takes_or_performers() -> None:
+    ucla = ["sample_id", "label", "action", "environment", "split_view", "subject", "view"]
+    assert val_group(ucla, "view") == ["action", "subject", "environment"]  # both views of a take together
+    ntu = ["sample_id", "label", "setup", "camera", "performer", "replication", "action", "split_xsub60"]
+    assert val_group(ntu, "xsub60") == ["performer"]
+    assert val_group(ntu, "xview60") == ["action", "performer", "setup", "replication"]
+    assert val_group(["sample_id", "label", "split_custom"], "custom") == []  # stratified random
+
+
+def test_binomial_band() -> None:
+    assert binomial_half_width(50.0, 100) == pytest.approx(10.0)
+    assert binomial_half_width(90.0, 400) == pytest.approx(3.0)
+    assert binomial_half_width(100.0, 100) > 0  # never a zero-width band
+
+
+def test_demo_recipe_gives_every_side_the_same_labels_and_budget() -> None:
+    r = demo_recipe(quick=False)
+    assert r.labels == 0.1 and any(s == "data.label_fraction=0.1" for s in r.common_sets)
+    assert any(s.startswith("epochs=") for s in r.common_sets)  # one schedule for scratch and fine-tuning
+    for sets in (r.scratch_sets, r.finetune_sets):
+        assert not any(s.startswith(("epochs=", "data.", "train.batch_size", "train.seed")) for s in sets)
+    assert any(s.startswith("objective.kind=") for s in r.pretrain_sets)
+    assert not any("label_fraction" in s for s in r.pretrain_sets)  # pre-training uses no labels
+
+
+def _stage(top1: float, train: int = 32, test: int = 288) -> dict:
+    return {"test_top1": top1, "train": train, "test": test}
+
+
+def test_verdict_says_paid_or_not_with_numbers() -> None:
+    paid = verdict({"scratch": _stage(38.9), "finetune": _stage(45.5), "linear": _stage(52.4)}, 0.1)
+    assert paid.startswith("Pre-training paid here: +6.6 points")
+    assert "10% of the labels (32 labelled clips)" in paid and "52.4 %" in paid and "288 test clips" in paid
+    lost = verdict({"scratch": _stage(45.9), "finetune": _stage(40.5)}, 0.1)
+    assert lost.startswith("Pre-training did not pay here: -5.4 points") and "linear" not in lost
+    assert "all 923 labelled" in verdict({"scratch": _stage(80.0, 923, 464), "finetune": _stage(82.0, 923, 464)}, 1.0)
+    assert "no comparison" in verdict({"scratch": _stage(1.0)}, 0.1)
