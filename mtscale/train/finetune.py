@@ -141,6 +141,10 @@ def _run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None, resume
         improved = metrics.get("val_top1", -math.inf) > best["val_top1"] or best["epoch"] < 0
         if improved:
             best = {"val_top1": metrics.get("val_top1", math.nan), "epoch": epoch}
+        if rt.world.is_main:
+            log.info("epoch %d/%d: loss %.4f, train top-1 %.1f, val top-1 %s (%.1f s)", epoch + 1, cfg.epochs,
+                     metrics.get("train_loss", math.nan), metrics.get("train_top1", math.nan),
+                     f"{metrics['val_top1']:.1f}" if "val_top1" in metrics else "n/a", metrics["epoch_s"])
         logger.write(metrics)  # before the checkpoint: a kill in between re-runs the epoch, and the
         # resumed log drops the rows from the resume epoch on (no row is ever missing or doubled)
         last_ckpt = _save_epoch(run_dir, epoch, model, trainer, meta, metrics, best, rt, cfg.train.keep_checkpoints,

@@ -238,6 +238,8 @@ def run_steps(
     step, last_loss, last_saved = start_step, float("nan"), start_step
     stop = stop or StopFlag(())
     check_every = stop_every(log_every)
+    progress_every = max(log_every, (max_steps // 50) // log_every * log_every)  # a logged window's loss
+    last_sps = math.nan
     window: list[tuple[int, torch.Tensor, list[torch.Tensor]]] = []  # (step, loss sum on this rank, sample ids)
     try:
         while step < max_steps:
@@ -268,12 +270,15 @@ def run_steps(
                        **throughput.read()}
                 row = {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
                 metrics.write(row)
+                last_sps = row["samples_per_s"]
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.4f}", sps=f"{row['samples_per_s']:.1f}",
                                     tok_s=f"{row['tokens_per_s']:.3g}", tflops=f"{row['tflops']:.3g}",
                                     mfu=f"{row.get('mfu', float('nan')):.2%}")
             if bar is not None:
                 bar.update(1)
+            elif world.is_main and (step % progress_every == 0 or step == max_steps):  # no bar: ~50 lines a run
+                log.info("step %d/%d: loss %.4f, %.1f samples/s", step, max_steps, last_loss, last_sps)
             if saving:
                 save_ckpt(step)
                 last_saved = step
