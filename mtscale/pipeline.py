@@ -82,7 +82,8 @@ class Pipeline:
     def _show(line: str) -> bool:
         keep = ("step", "epoch", "top-1", "top1", "prepared", "wrote", "error", "Error", "resum", "trial", "best",
                 "Trial", "samples")
-        noise = ("DeprecationWarning", "[INFO]", "[WARNING]", "spawned with command")  # launcher chatter
+        noise = ("DeprecationWarning", "[INFO]", "[WARNING]", "spawned with command",  # launcher chatter
+                 "Checkpoint successfully created", "snapshotting", "You may want", "You can suppress")  # Ray's
         return any(k in line for k in keep) and not any(n in line for n in noise)
 
     def _mtscale(self, *args: str) -> list[str]:
@@ -111,6 +112,7 @@ class Pipeline:
 
     def prepare(self, raw: str) -> dict:
         if (info := self._done("prepare")) is not None:
+            self.split = info.get("split", self.split)  # the split chosen on the first run
             return info
         real = ["--view-normalize", "--dtype", "float32"] if self.args.data else []  # the NW-UCLA store recipe
         self._run("prepare", self._mtscale("prepare", "--format", self.args.format, "--input", raw,
@@ -118,12 +120,32 @@ class Pipeline:
         from mtscale.data.store import Store
 
         info = Store.open(str(self.store)).info()
+        if self.args.data and self.args.split is None and not info.get("splits", {}).get(self.split):
+            self.split = self._default_split(info)
+            info = Store.open(str(self.store)).info()
         splits = info.get("splits", {}).get(f"split_{self.split}") or info.get("splits", {}).get(self.split)
         if not splits:
             raise ConfigError(f"--split: store {self.store} has no split {self.split!r}; "
                               f"found {sorted(info.get('splits', {}))}")
         return self._mark("prepare", {"num_samples": info["num_samples"], "num_frames": info["num_frames"],
-                                      "splits": info.get("splits", {}), "num_classes": len(info["label_counts"])})
+                                      "splits": info.get("splits", {}), "num_classes": len(info["label_counts"]),
+                                      "split": self.split})
+
+    def _default_split(self, info: dict) -> str:
+        """--data without --split: the format's usual split if the store has it, else the store's
+        first split, else a stratified hold-out of 20 % made now (whole performers where known)."""
+        from mtscale.data.subsets import HOLDOUT, add_holdout_split
+        from mtscale.recipes import val_group
+
+        have = sorted(info.get("splits", {}))
+        if have:
+            print(f"split: the store has no {self.split!r}; using {have[0]!r} (of {have})", flush=True)
+            return have[0]
+        group = val_group(info.get("columns", []), "xsub")
+        sizes = add_holdout_split(str(self.store), 0.2, group or None)
+        print(f"split: the data has none; held out 20 % of each class as the test set"
+              f"{' (whole ' + group[0] + 's)' if group else ''}: {sizes}", flush=True)
+        return HOLDOUT
 
     def pretrain(self) -> dict:
         run = self.work / "pretrain"

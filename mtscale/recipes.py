@@ -109,7 +109,7 @@ def data_recipe(store: str, split: str, minutes: float, procs: int) -> Recipe:
     budget = minutes * 60.0
     ft_s, pre_s = SHARE_SUPERVISED * budget, SHARE_PRETRAIN * budget
     epochs = int(min(EPOCHS_MAX, max(EPOCHS_MIN, ft_s * ft_rate / n_train)))
-    pre_batch = 64
+    pre_batch = min(64, 2 ** int(math.log2(max(n_train // 2, 2 * procs))))  # >= 1 batch per rank per epoch
     pre_steps = int(min(PRE_STEPS_MAX, max(PRE_STEPS_MIN, pre_s * pre_rate * procs / pre_batch)))
     lin_epochs = 60
     why = [f"{n_train} training clips, {info['num_classes']} classes, {bodies} bod{'y' if bodies == 1 else 'ies'} "
@@ -121,7 +121,9 @@ def data_recipe(store: str, split: str, minutes: float, procs: int) -> Recipe:
            f"--minutes {minutes:g}: pre-training {pre_steps} steps of {pre_batch} ({SHARE_PRETRAIN:.0%} of the "
            f"budget, {procs} processes), then scratch and fine-tuning side by side for {epochs} epochs each "
            f"({SHARE_SUPERVISED:.0%}; bounds {EPOCHS_MIN}-{EPOCHS_MAX}), then a {lin_epochs}-epoch linear probe"]
-    common = [*geometry, f"epochs={epochs}", f"warmup_epochs={max(1, epochs // 12)}", "run.progress=false",
+    ft_batch = min(32, 2 ** int(math.log2(max(2, int(n_train * 0.8)))))  # the NW-UCLA batch, or what the data allows
+    common = [*geometry, f"epochs={epochs}", f"train.batch_size={ft_batch}",
+              f"warmup_epochs={max(1, epochs // 12)}", "run.progress=false",
               f"val_group={'[' + ','.join(group) + ']' if group else 'null'}"]
     return Recipe(
         name=f"real data, {minutes:g}-minute budget", why=why, pretrain_config=pre_cfg, finetune_config=ft_cfg,

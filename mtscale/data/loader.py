@@ -509,6 +509,10 @@ def build_loader(
         ds, num_workers=cfg.num_workers if num_workers is None else num_workers, device=device,
         augment=BatchAugment(cfg.augment) if use_aug else None,
     )
+    if train and len(loader) == 0:  # an epoch of no batch: a training loop would wait forever
+        raise ConfigError(f"data: {ds.url}: {len(ds.sel)} selected training samples give rank {rank}/{world_size} "
+                          f"{ds.num_samples} per epoch, fewer than one batch of {batch_size} (per rank); expected "
+                          "a smaller train.batch_size or more samples")
     log.info("loader %s: %d selected samples, rank %d/%d sees %d per epoch (%d batches of %d)%s",
              ds.url, len(ds.sel), rank, world_size, ds.num_samples, len(loader), batch_size,
              ", exact" if ds.exact else "")

@@ -62,3 +62,47 @@ def grouped_fraction_subset(labels: np.ndarray, groups: np.ndarray, fraction: fl
         chosen = rng.choice(names, size=class_quota(names.size, fraction), replace=False)
         keep.append(members[np.isin(groups[members], chosen)])
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
+HOLDOUT = "holdout"
+"""Name of the split ``add_holdout_split`` adds (manifest column ``split_holdout``)."""
+
+
+def add_holdout_split(url: str, fraction: float = 0.2, group: list[str] | None = None, seed: int = 0) -> dict[str, int]:
+    """Give a store without a split one: manifest column ``split_holdout`` = ``test`` for a
+    class-stratified ``fraction`` of the labelled samples (whole ``group`` values together, e.g.
+    performers, when the manifest has such columns), ``train`` for the rest (unlabelled samples
+    included); a class too small to split (one sample or one group) stays in training. The
+    manifest is rewritten atomically; the arrays are untouched. Local stores only.
+    Returns the part sizes."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mtscale.data.store import MANIFEST, Store
+    from mtscale.files import atomic_write
+
+    store = Store.open(url)
+    path = store.url.rstrip("/") + "/" + MANIFEST
+    if "://" in store.url and not store.url.startswith("file://"):
+        raise ConfigError(f"{url}: a hold-out split is added to local stores only, found a remote URL")
+    table = store.manifest
+    if f"split_{HOLDOUT}" in table.column_names:
+        raise ConfigError(f"{url}: the manifest already has a split_{HOLDOUT} column, expected a store without it")
+    labels = np.asarray(store.labels, dtype=np.int64)
+    if group:
+        from mtscale.train.finetune_data import group_ids
+
+        pick = grouped_fraction_subset(labels, group_ids(store, group), fraction, seed)
+    else:
+        pick = label_fraction_subset(labels, fraction, seed)
+    part = np.full(labels.shape[0], "train", dtype=object)
+    part[pick] = "test"
+    for c in np.unique(labels[labels >= 0]):  # a class with one group / sample stays in training
+        if not (part[labels == c] == "train").any():
+            part[labels == c] = "train"
+    buf = io.BytesIO()
+    pq.write_table(table.append_column(f"split_{HOLDOUT}", pa.array(part.tolist(), pa.string())), buf)
+    atomic_write(path.removeprefix("file://"), buf.getvalue())
+    return {"train": int((part == "train").sum()), "test": int((part == "test").sum())}

@@ -380,3 +380,13 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+def test_a_training_epoch_without_one_batch_is_refused() -> None:
+    """60 clips on 2 ranks with 32 per rank: drop_last left every epoch empty and pre-training spun
+    forever without a step (found by the quickstart's --data test); now a one-line error."""
+    store = _store(f"memory://loader-test-{next(_counter)}", n=60)
+    with pytest.raises(ConfigError, match=r"rank 1/2 30 per epoch, fewer than one batch of 32"):
+        build_loader(store, _cfg(), batch_size=32, seed=0, rank=1, world_size=2)
+    assert len(build_loader(store, _cfg(), batch_size=16, seed=0, rank=1, world_size=2)) == 1
+    assert len(build_loader(store, _cfg(), batch_size=32, seed=0, rank=1, world_size=2, train=False)) == 1  # eval: partial

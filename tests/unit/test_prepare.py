@@ -307,3 +307,13 @@ def test_parallel_prepare_into_memory_url_streams_to_the_parent(syn_dir: Path, r
     m = Store.open(s["out"])
     assert m.manifest.equals(reference.manifest)
     np.testing.assert_array_equal(m.frames[:], reference.frames[:])
+
+
+def test_progress_rate_is_blank_until_bytes_are_known() -> None:
+    """Issue 30 papercut: a generic-format prepare showed "0.0 MB/s" (formats that report no input
+    bytes); the bar now shows files/s alone until a byte count exists."""
+    from mtscale.data.prepare import _rate
+
+    assert _rate(0, 3.0) == ""
+    assert _rate(2_000_000, 1.0) == "2.0 MB/s"
+    assert _rate(5_000_000, 0.0).endswith("MB/s")  # no division by zero at the first tick

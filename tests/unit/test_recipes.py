@@ -45,3 +45,40 @@ def test_verdict_says_paid_or_not_with_numbers() -> None:
     assert lost.startswith("Pre-training did not pay here: -5.4 points") and "linear" not in lost
     assert "all 923 labelled" in verdict({"scratch": _stage(80.0, 923, 464), "finetune": _stage(82.0, 923, 464)}, 1.0)
     assert "no comparison" in verdict({"scratch": _stage(1.0)}, 0.1)
+
+
+def test_holdout_split_for_a_store_without_one(tmp_path) -> None:
+    """A generic store with no split gets split_holdout: stratified 20 %, whole performers per class,
+    a one-sample class kept in training, deterministic, refused twice."""
+    import numpy as np
+
+    from mtscale.data.store import Store
+    from mtscale.data.store_writer import write_store
+    from mtscale.data.subsets import add_holdout_split
+    from mtscale.errors import ConfigError
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(61):
+        label = 2 if i == 60 else i % 2  # class 2 has one sample
+        samples.append((f"s{i}", rng.normal(size=(8, 1, 25, 3)).astype(np.float32), label, {"performer": i % 10}))
+    url = str(tmp_path / "st")
+    write_store(url, samples, layout="ntu25", num_bodies=1, dtype="float32")
+    assert not Store.open(url).info().get("splits")
+    sizes = add_holdout_split(url, 0.2, ["performer"])
+    st = Store.open(url)
+    part = np.asarray(st.manifest.column("split_holdout").to_pylist())
+    perf = np.asarray(st.manifest.column("performer").to_pylist())
+    labels = np.asarray(st.labels)
+    assert sizes == {"train": int((part == "train").sum()), "test": int((part == "test").sum())}
+    assert st.info()["splits"]["holdout"] == sizes
+    for c in (0, 1):  # 5 performers per class, 1 of them (20 %) held out whole
+        test_perf = set(perf[(labels == c) & (part == "test")])
+        assert len(test_perf) == 1 and not test_perf & set(perf[(labels == c) & (part == "train")])
+    assert part[labels == 2].tolist() == ["train"]
+    with pytest.raises(ConfigError, match="already has a split_holdout"):
+        add_holdout_split(url, 0.2)
+    url2 = str(tmp_path / "st2")
+    write_store(url2, samples, layout="ntu25", num_bodies=1, dtype="float32")
+    add_holdout_split(url2, 0.2, ["performer"])
+    assert Store.open(url2).manifest.column("split_holdout").to_pylist() == part.tolist()  # same seed, same split
