@@ -82,3 +82,29 @@ def test_holdout_split_for_a_store_without_one(tmp_path) -> None:
     write_store(url2, samples, layout="ntu25", num_bodies=1, dtype="float32")
     add_holdout_split(url2, 0.2, ["performer"])
     assert Store.open(url2).manifest.column("split_holdout").to_pylist() == part.tolist()  # same seed, same split
+
+
+def test_quickstart_data_without_split_holds_out_a_test_set(tmp_path, capsys) -> None:
+    """`quickstart --data` on recordings with no split: the pipeline adds the hold-out and says so;
+    with splits but not the format's default one it takes the store's first split."""
+    import argparse
+
+    import numpy as np
+
+    from mtscale.data.store import Store
+    from mtscale.data.store_writer import write_store
+    from mtscale.pipeline import Pipeline
+
+    rng = np.random.default_rng(0)
+    samples = [(f"s{i}", rng.normal(size=(8, 1, 25, 3)).astype(np.float32), i % 3, {"subject": i % 5})
+               for i in range(45)]
+    args = argparse.Namespace(workdir=str(tmp_path / "qs"), quick=False, data=str(tmp_path), format="generic",
+                              split=None, procs=2, skip_tune=True, minutes=1.0)
+    pipe = Pipeline(args)
+    write_store(str(pipe.store), samples, layout="ntu25", num_bodies=1, dtype="float32")
+    assert pipe._default_split(Store.open(str(pipe.store)).info()) == "holdout"
+    out = capsys.readouterr().out
+    assert "held out 20 % of each class as the test set (whole subjects)" in out
+    assert Store.open(str(pipe.store)).info()["splits"]["holdout"]["test"] == 9  # 1 of 5 subjects x 3 classes
+    assert pipe._default_split(Store.open(str(pipe.store)).info()) == "holdout"  # an existing split is used
+    assert "using 'holdout'" in capsys.readouterr().out
