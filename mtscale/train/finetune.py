@@ -141,7 +141,7 @@ def _run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None, resume
         improved = metrics.get("val_top1", -math.inf) > best["val_top1"] or best["epoch"] < 0
         if improved:
             best = {"val_top1": metrics.get("val_top1", math.nan), "epoch": epoch}
-        if rt.world.is_main:
+        if rt.world.is_main and (epoch == start or (epoch + 1) % max(1, cfg.epochs // 20) == 0):  # <= ~20 lines
             log.info("epoch %d/%d: loss %.4f, train top-1 %.1f, val top-1 %s (%.1f s)", epoch + 1, cfg.epochs,
                      metrics.get("train_loss", math.nan), metrics.get("train_top1", math.nan),
                      f"{metrics['val_top1']:.1f}" if "val_top1" in metrics else "n/a", metrics["epoch_s"])
