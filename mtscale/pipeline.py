@@ -275,8 +275,12 @@ def verdict(stages: dict[str, dict], labels: float) -> str:
     noise = binomial_half_width(scr["test_top1"], int(scr.get("test") or 0))
     with_labels = (f"with {labels:.0%} of the labels ({scr.get('train')} labelled clips)" if labels < 1.0
                    else f"with all {scr.get('train')} labelled training clips")
-    head = (f"Pre-training paid here: +{gain:.1f} points" if gain > 0
-            else f"Pre-training did not pay here: {gain:+.1f} points")
+    if gain > noise:
+        head = f"Pre-training paid here: +{gain:.1f} points"
+    elif gain < -noise:
+        head = f"Pre-training did not pay here: {gain:+.1f} points"
+    else:  # inside the band: neither claim is supported by one run
+        head = f"Pre-training made no clear difference here: {gain:+.1f} points, inside the noise band"
     s = (f"{head} ({ft['test_top1']:.1f} % fine-tuned against {scr['test_top1']:.1f} % from scratch, {with_labels}, "
          f"same epochs, batch and seed; one run on {scr.get('test')} test clips, whose 2-standard-error band is "
          f"about +-{noise:.1f} points)")

@@ -11,7 +11,8 @@
   timed on this machine first, and the budget is split between pre-training (2 processes), then
   scratch and fine-tuning side by side (one core each), then the linear probe.
 
-``choose_recipe`` returns a :class:`Recipe`; the pipeline prints its ``why`` lines before running.
+``demo_recipe`` / ``data_recipe`` return a :class:`Recipe`; the pipeline prints its ``why`` lines
+before running.
 """
 
 from __future__ import annotations
@@ -35,13 +36,14 @@ DEMO = {
 # Masked reconstruction of 75 % of the patches: on synthetic clips the masked-motion target is mostly
 # the generator's 4 mm joint noise (its loss stays near 0.85 for 600 steps, and fine-tuning from it
 # lost 5.4 points to scratch at 10 % labels, validation agreeing), while coordinates are learnable
-# (loss 0.95 -> 0.14 in 300 steps); benchmarks/README.md, "Pre-training pay-off".
+# (loss 0.95 -> 0.13 in 300 steps); benchmarks/README.md, "Pre-training pay-off".
 DEMO_OBJECTIVE = ["objective.kind=masked_recon", "objective.mask_ratio=0.75", "objective.masking=motion_aware",
                   "objective.decoder_dim=64", "objective.decoder_depth=1", "objective.decoder_heads=4"]
 DEMO_AUGMENT = ["data.crop_min=0.5", "data.crop_max=1.0", "data.augment.rotate_deg=15", "data.augment.scale=0.1"]
 
-# --data: shares of the time budget, and the bounds of the schedule it buys.
-SHARE_PRETRAIN, SHARE_SUPERVISED, SHARE_LINEAR = 0.40, 0.50, 0.05  # the rest: start-up, evaluation
+# --data: shares of the time budget (the rest: start-up, evaluation, the seconds of the linear
+# probe on cached features), and the bounds of the schedule it buys.
+SHARE_PRETRAIN, SHARE_SUPERVISED = 0.40, 0.50
 EPOCHS_MIN, EPOCHS_MAX = 10, 60
 PRE_STEPS_MIN, PRE_STEPS_MAX = 100, 12000
 
@@ -75,7 +77,7 @@ def demo_recipe(quick: bool) -> Recipe:
         why=[f"synthetic data: {p['samples']} clips of {p['classes']} classes, split by performer",
              f"pre-training sees every training clip without labels ({p['pre_steps']} steps of {p['pre_batch']}); "
              f"scratch, fine-tuning and the linear probe get the same {labels:.0%} of the labels",
-             "settings fixed in advance (benchmarks/bench_pretrain_payoff.py), never chosen on the test split"],
+             "settings fixed in the code (mtscale/recipes.py), never chosen on the test split"],
         pretrain_config=CONFIGS / "pretrain" / "tiny_cpu.yaml", finetune_config=CONFIGS / "finetune" / "tiny_cpu.yaml",
         pretrain_sets=[*data, *p["model"], *DEMO_OBJECTIVE, f"train.max_steps={p['pre_steps']}",
                        f"train.batch_size={p['pre_batch']}", "train.lr=1.5e-3",

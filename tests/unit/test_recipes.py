@@ -41,8 +41,11 @@ def test_verdict_says_paid_or_not_with_numbers() -> None:
     paid = verdict({"scratch": _stage(38.9), "finetune": _stage(45.5), "linear": _stage(52.4)}, 0.1)
     assert paid.startswith("Pre-training paid here: +6.6 points")
     assert "10% of the labels (32 labelled clips)" in paid and "52.4 %" in paid and "288 test clips" in paid
-    lost = verdict({"scratch": _stage(45.9), "finetune": _stage(40.5)}, 0.1)
+    lost = verdict({"scratch": _stage(45.9, 70, 738), "finetune": _stage(40.5, 70, 738)}, 0.1)
     assert lost.startswith("Pre-training did not pay here: -5.4 points") and "linear" not in lost
+    assert "+-3.7 points" in lost  # 2 standard errors of 45.9 % on 738 clips
+    unclear = verdict({"scratch": _stage(45.9), "finetune": _stage(40.5)}, 0.1)  # 288 clips: band +-5.9
+    assert unclear.startswith("Pre-training made no clear difference here: -5.4 points, inside the noise band")
     assert "all 923 labelled" in verdict({"scratch": _stage(80.0, 923, 464), "finetune": _stage(82.0, 923, 464)}, 1.0)
     assert "no comparison" in verdict({"scratch": _stage(1.0)}, 0.1)
 
