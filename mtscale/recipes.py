@@ -4,7 +4,7 @@
   pre-training is for. Pre-training sees every training clip without labels; scratch, fine-tuning
   and the linear probe get the same 10 % of the labels, the same epochs, batch and seeds. The
   settings (patch tokens, masked reconstruction of 75 % of the patches, see ``DEMO_OBJECTIVE``)
-  are fixed in the code, never chosen on the test split.
+  are fixed in the code, the same every run (how they were chosen: benchmarks/README.md).
 * **Real data** (``--data``): the NW-UCLA recipe (``configs/*/nw_ucla.yaml``: patch tokens, MAMP's
   per-joint head, view-normalised store, rotation + scale augmentation), its schedule sized from
   the number of training clips and ``--minutes``: a few training steps of the very model are
@@ -77,7 +77,7 @@ def demo_recipe(quick: bool) -> Recipe:
         why=[f"synthetic data: {p['samples']} clips of {p['classes']} classes, split by performer",
              f"pre-training sees every training clip without labels ({p['pre_steps']} steps of {p['pre_batch']}); "
              f"scratch, fine-tuning and the linear probe get the same {labels:.0%} of the labels",
-             "settings fixed in the code (mtscale/recipes.py), never chosen on the test split"],
+             "settings fixed in the code (mtscale/recipes.py), the same every run; no seed picked"],
         pretrain_config=CONFIGS / "pretrain" / "tiny_cpu.yaml", finetune_config=CONFIGS / "finetune" / "tiny_cpu.yaml",
         pretrain_sets=[*data, *p["model"], *DEMO_OBJECTIVE, f"train.max_steps={p['pre_steps']}",
                        f"train.batch_size={p['pre_batch']}", "train.lr=1.5e-3",
