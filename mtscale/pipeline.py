@@ -135,13 +135,13 @@ class Pipeline:
         """--data without --split: the format's usual split if the store has it, else the store's
         first split, else a stratified hold-out of 20 % made now (whole performers where known)."""
         from mtscale.data.subsets import HOLDOUT, add_holdout_split
-        from mtscale.recipes import val_group
+        from mtscale.recipes import performer_group
 
         have = sorted(info.get("splits", {}))
         if have:
             print(f"split: the store has no {self.split!r}; using {have[0]!r} (of {have})", flush=True)
             return have[0]
-        group = val_group(info.get("columns", []), "xsub")
+        group = performer_group(info.get("columns", []))
         sizes = add_holdout_split(str(self.store), 0.2, group or None)
         print(f"split: the data has none; held out 20 % of each class as the test set"
               f"{' (whole ' + group[0] + 's)' if group else ''}: {sizes}", flush=True)

@@ -92,18 +92,13 @@ def demo_recipe(quick: bool) -> Recipe:
 
 def data_recipe(store: str, split: str, minutes: float, procs: int) -> Recipe:
     """The NW-UCLA recipe, its schedule sized from the training clips and ``minutes`` (see module doc)."""
-    import pyarrow.parquet as pq
-
     from mtscale.data.store import Store
 
     st = Store.open(store)
     info = st.info()
     cols = info.get("columns", [])
-    table = pq.read_table(Path(store) / "manifest.parquet",
-                          columns=[c for c in ("num_bodies", f"split_{split}") if c in cols])
-    parts = table.column(f"split_{split}").to_pylist() if f"split_{split}" in cols else []
-    n_train = sum(1 for x in parts if x == "train") or info["num_samples"]
-    bodies = max(1, min(2, max(table.column("num_bodies").to_pylist()) if "num_bodies" in cols else 2))
+    n_train = info.get("splits", {}).get(split, {}).get("train") or info["num_samples"]
+    bodies = max(1, min(2, max(st.manifest.column("num_bodies").to_pylist(), default=2)))
     group = val_group(cols, split)
     geometry = ["data.clip_frames=32", f"data.num_bodies={bodies}"]
     pre_cfg, ft_cfg = CONFIGS / "pretrain" / "nw_ucla.yaml", CONFIGS / "finetune" / "nw_ucla.yaml"
@@ -142,9 +137,14 @@ def val_group(columns: list[str], split: str) -> list[str]:
     holds out whole takes: a cross-view split keeps both views of a take on one side (on NW-UCLA,
     82 % of random validation clips had their other view in training); a cross-subject split
     holds out whole performers. [] when the manifest has none (stratified random hold-out)."""
-    take = [c for c in ("action", "subject", "performer", "environment", "setup", "replication") if c in columns]
     if "view" in split or "camera" in split:
-        return take
+        return [c for c in ("action", "subject", "performer", "environment", "setup", "replication") if c in columns]
+    return performer_group(columns)
+
+
+def performer_group(columns: list[str]) -> list[str]:
+    """The manifest column naming the performer (``subject`` or ``performer``), as a one-item
+    list; [] when there is none."""
     return [c for c in ("subject", "performer") if c in columns][:1]
 
 

@@ -285,7 +285,7 @@ class StoreWriter:
         self._marks = self._marks[len(done) - 1 :]
         prev_rows, parts = self._committed
         self._write_bytes(join(self._work_path, f"{PROGRESS_DIR}/rows-{parts:05d}.parquet"),
-                          _parquet_bytes(self._seal(rows)))
+                          parquet_bytes(self._seal(rows)))
         progress = {"key": self.resume_key, "rows": rows, "frames": frames, "parts": parts + 1,
                     "report": self._report[:nrep], "state": state}
         self._write_bytes(join(self._work_path, PROGRESS), json.dumps(progress).encode())
@@ -331,7 +331,7 @@ class StoreWriter:
             self._write_bytes(join(self._work_path, REPORT), "".join(json.dumps(r) + "\n" for r in self._report).encode())
         if self._rows:
             self._seal(self.num_samples)
-        self._write_bytes(join(self._work_path, MANIFEST), _parquet_bytes(concat_manifests(self._parts)))
+        self._write_bytes(join(self._work_path, MANIFEST), parquet_bytes(concat_manifests(self._parts)))
         for p in (join(self._work_path, PROGRESS), join(self._work_path, PROGRESS_DIR)):
             if self._fs.exists(p):
                 self._fs.rm(p, recursive=True)
@@ -385,7 +385,8 @@ def _malloc_trim():
         return None
 
 
-def _parquet_bytes(table) -> bytes:
+def parquet_bytes(table) -> bytes:
+    """A manifest table as the Parquet bytes every store holds (zstd)."""
     import pyarrow as pa
 
     sink = pa.BufferOutputStream()

@@ -75,12 +75,10 @@ def add_holdout_split(url: str, fraction: float = 0.2, group: list[str] | None =
     included); a class too small to split (one sample or one group) stays in training. The
     manifest is rewritten atomically; the arrays are untouched. Local stores only.
     Returns the part sizes."""
-    import io
-
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from mtscale.data.store import MANIFEST, Store
+    from mtscale.data.store_writer import parquet_bytes
     from mtscale.files import atomic_write
 
     store = Store.open(url)
@@ -102,7 +100,6 @@ def add_holdout_split(url: str, fraction: float = 0.2, group: list[str] | None =
     for c in np.unique(labels[labels >= 0]):  # a class with one group / sample stays in training
         if not (part[labels == c] == "train").any():
             part[labels == c] = "train"
-    buf = io.BytesIO()
-    pq.write_table(table.append_column(f"split_{HOLDOUT}", pa.array(part.tolist(), pa.string())), buf)
-    atomic_write(path.removeprefix("file://"), buf.getvalue())
+    table = table.append_column(f"split_{HOLDOUT}", pa.array(part.tolist(), pa.string()))
+    atomic_write(path.removeprefix("file://"), parquet_bytes(table))
     return {"train": int((part == "train").sum()), "test": int((part == "test").sum())}
