@@ -546,8 +546,10 @@ class FinetuneConfig:
     val_group: list[str] | None = None
     """Manifest columns whose values tie samples together (e.g. ``[action, subject,
     environment]``: the views of one NW-UCLA take; ``[subject]``: a performer): the
-    ``val_fraction`` hold-out takes whole groups, chosen per class, so no twin of a validation
-    sample trains. None = single samples."""
+    ``val_fraction`` hold-out takes whole groups, so no twin of a validation sample trains
+    (chosen per class when each group holds one class, as takes do; among all groups at once
+    when groups span classes, as performers do: ``data/subsets.grouped_fraction_subset``).
+    None = single samples."""
     val_part: str | None = None
     """Use this value of the split column (e.g. ``val``) as validation instead of a held-out share."""
     test_part: str | None = "test"

@@ -43,25 +43,40 @@ def label_fraction_subset(labels: np.ndarray, fraction: float, seed: int) -> np.
 
 
 def grouped_fraction_subset(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Like :func:`label_fraction_subset`, but whole groups at a time: within each class ``c``,
-    :func:`class_quota` ``(g_c, fraction)`` of its ``g_c`` distinct ``groups`` values are
-    chosen (``rng(seed, c)``) and every sample of class ``c`` in them is kept. A group is a
-    take seen by several cameras, a performer, ...: what must not sit on both sides of a
-    hold-out. Sorted positions into ``labels``."""
+    """Like :func:`label_fraction_subset`, but whole groups at a time, so that no group sits on
+    both sides of the hold-out. A group is a take seen by several cameras, a performer, ...
+
+    - Groups within one class each (a take: its action is part of the group): within each class
+      ``c``, :func:`class_quota` ``(g_c, fraction)`` of its ``g_c`` groups are chosen
+      (``rng(seed, c)``), so the hold-out is stratified exactly.
+    - Groups spanning classes (a performer acts every action): ``class_quota(g, fraction)`` of
+      all ``g`` groups are chosen at once (``rng(seed)``) and every labelled sample of theirs is
+      kept; stratified only as far as the groups are. (Choosing per class would put a performer
+      held out for one action into training for another.)
+
+    Unlabelled samples (label < 0) are never chosen. Sorted positions into ``labels``."""
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"val_fraction: found {fraction}, expected in (0, 1) for a grouped hold-out")
     labels, groups = np.asarray(labels, dtype=np.int64), np.asarray(groups)
     if groups.shape != labels.shape:
         raise ConfigError(f"groups: found shape {groups.shape}, expected one group per sample {labels.shape}")
-    keep = []
     labelled = np.flatnonzero(labels >= 0)
+    if labelled.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    pairs = np.unique(np.stack([groups[labelled].astype(str), labels[labelled].astype(str)]), axis=1)
+    if np.unique(pairs[0]).size < pairs.shape[1]:  # some group holds several classes
+        names = np.unique(groups[labelled])
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 13])
+        chosen = rng.choice(names, size=class_quota(names.size, fraction), replace=False)
+        return labelled[np.isin(groups[labelled], chosen)]
+    keep = []
     for c in np.unique(labels[labelled]):
         members = labelled[labels[labelled] == c]
         names = np.unique(groups[members])
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(c), 11])
         chosen = rng.choice(names, size=class_quota(names.size, fraction), replace=False)
         keep.append(members[np.isin(groups[members], chosen)])
-    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+    return np.sort(np.concatenate(keep))
 
 
 HOLDOUT = "holdout"

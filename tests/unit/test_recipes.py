@@ -51,8 +51,9 @@ def test_verdict_says_paid_or_not_with_numbers() -> None:
 
 
 def test_holdout_split_for_a_store_without_one(tmp_path) -> None:
-    """A generic store with no split gets split_holdout: stratified 20 %, whole performers per class,
-    a one-sample class kept in training, deterministic, refused twice."""
+    """A generic store with no split gets split_holdout: 20 % of the performers held out whole
+    (each acts both classes: no performer on both sides), a one-sample class kept in training,
+    deterministic, refused twice."""
     import numpy as np
 
     from mtscale.data.store import Store
@@ -63,8 +64,9 @@ def test_holdout_split_for_a_store_without_one(tmp_path) -> None:
     rng = np.random.default_rng(0)
     samples = []
     for i in range(61):
-        label = 2 if i == 60 else i % 2  # class 2 has one sample
-        samples.append((f"s{i}", rng.normal(size=(8, 1, 25, 3)).astype(np.float32), label, {"performer": i % 10}))
+        label = 2 if i == 60 else i % 2  # class 2 has one sample, by a performer of its own
+        performer = 10 if i == 60 else (i // 2) % 10  # performers 0-9 act both classes, 3 clips each
+        samples.append((f"s{i}", rng.normal(size=(8, 1, 25, 3)).astype(np.float32), label, {"performer": performer}))
     url = str(tmp_path / "st")
     write_store(url, samples, layout="ntu25", num_bodies=1, dtype="float32")
     assert not Store.open(url).info().get("splits")
@@ -75,9 +77,10 @@ def test_holdout_split_for_a_store_without_one(tmp_path) -> None:
     labels = np.asarray(st.labels)
     assert sizes == {"train": int((part == "train").sum()), "test": int((part == "test").sum())}
     assert st.info()["splits"]["holdout"] == sizes
-    for c in (0, 1):  # 5 performers per class, 1 of them (20 %) held out whole
-        test_perf = set(perf[(labels == c) & (part == "test")])
-        assert len(test_perf) == 1 and not test_perf & set(perf[(labels == c) & (part == "train")])
+    test_perf, train_perf = set(perf[part == "test"]), set(perf[part == "train"])
+    assert not test_perf & train_perf  # chosen among all performers at once, not per class
+    assert len(test_perf) == 2 and test_perf <= set(range(10))  # 20 % of 11 performers; seed 0 picks two of 0-9
+    assert sizes["test"] == 12 and all((labels[part == "test"] == c).sum() == 6 for c in (0, 1))
     assert part[labels == 2].tolist() == ["train"]
     with pytest.raises(ConfigError, match="already has a split_holdout"):
         add_holdout_split(url, 0.2)
@@ -111,3 +114,27 @@ def test_quickstart_data_without_split_holds_out_a_test_set(tmp_path, capsys) ->
     assert Store.open(str(pipe.store)).info()["splits"]["holdout"]["test"] == 9  # 1 of 5 subjects x 3 classes
     assert pipe._default_split(Store.open(str(pipe.store)).info()) == "holdout"  # an existing split is used
     assert "using 'holdout'" in capsys.readouterr().out
+
+
+def test_grouped_subset_keeps_groups_whole_and_strata_exact() -> None:
+    """Groups nested in classes (takes): each class holds out its own quota of whole groups.
+    Groups spanning classes (performers): chosen at once, so none lands on both sides, where
+    choosing per class would split most of them."""
+    import numpy as np
+
+    from mtscale.data.subsets import grouped_fraction_subset
+
+    labels = np.repeat(np.arange(4), 30)  # 4 classes x 30 clips
+    takes = np.array([f"a{c}_t{i // 3}" for c, i in zip(labels, np.tile(np.arange(30), 4))])  # 10 takes per class
+    pick = grouped_fraction_subset(labels, takes, 0.2, seed=3)
+    for c in range(4):  # 2 whole takes (6 clips) of every class
+        assert len(set(takes[pick][labels[pick] == c])) == 2 and (labels[pick] == c).sum() == 6
+    assert not set(takes[pick]) & set(np.delete(takes, pick))
+
+    performers = np.tile(np.arange(10), 12)  # every performer in every class
+    for seed in range(5):
+        pick = grouped_fraction_subset(labels, performers, 0.2, seed)
+        held = set(performers[pick])
+        assert len(held) == 2 and not held & set(np.delete(performers, pick))
+        assert pick.size == 24 and np.array_equal(pick, np.sort(pick))
+    assert grouped_fraction_subset(np.full(5, -1), np.arange(5), 0.2, 0).size == 0  # nothing labelled
