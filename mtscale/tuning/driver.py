@@ -210,8 +210,10 @@ def init_ray(cfg: TuneConfig, address: str | None) -> bool:
     # and Ray then refuses num_cpus / num_gpus); attaching to a cluster is what --address is for.
     ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
              object_store_memory=cfg.ray.object_store_memory,
-             include_dashboard=cfg.ray.include_dashboard, dashboard_host="127.0.0.1")
-    log.info("started a local Ray instance: %s", ray.cluster_resources())
+             include_dashboard=cfg.ray.include_dashboard, dashboard_host="127.0.0.1",
+             _system_config={"worker_niceness": cfg.ray.worker_niceness})
+    log.info("started a local Ray instance: %s (trial processes at nice %d)", ray.cluster_resources(),
+             cfg.ray.worker_niceness)
     return True
 
 
