@@ -93,6 +93,11 @@ class DataConfig:
     short_clips: str = "resample"
     """Crops shorter than T: ``resample`` (stretch to T, mask all valid) or ``pad`` (copy the
     frames, zero-pad to T, mask False on padding). Longer crops are always resampled."""
+    sampling: str = "resample"
+    """How a training crop becomes T frames: ``resample`` (linear resample, MAMP's feeder) or
+    ``random`` (T frames drawn uniformly with replacement, in time order: CTR-GCN's NW-UCLA
+    feeder; with ``crop_min = crop_max = 1`` over the whole sequence). Evaluation always
+    resamples its centre crop."""
     subset_seed: int = 0
     """Seed of the label-fraction subset (independent of the training seed)."""
     normalize: str = "none"
@@ -120,6 +125,8 @@ class DataConfig:
             raise ConfigError("data.clip_frames and data.num_bodies must be >= 1")
         if not 0.0 < self.eval_crop <= 1.0:
             raise ConfigError(f"data.eval_crop: found {self.eval_crop}, expected in (0, 1]")
+        if self.sampling not in ("resample", "random"):
+            raise ConfigError(f"data.sampling: found {self.sampling!r}, expected resample|random")
         if self.short_clips not in ("resample", "pad"):
             raise ConfigError(f"data.short_clips: found {self.short_clips!r}, expected resample|pad")
         if self.normalize not in ("none", "minmax"):

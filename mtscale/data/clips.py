@@ -75,6 +75,20 @@ def resample_indices(
     return i0, i1, w, mask
 
 
+def sample_indices(
+    crop_len: np.ndarray, clip_frames: int, u_NT: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Random-sampling plan (``data.sampling: random``, CTR-GCN's NW-UCLA training feeder): T
+    frames of each crop drawn uniformly **with replacement** and kept in time order, so a clip
+    repeats some frames and skips others instead of being a smooth linear resample.
+
+    ``u_NT`` (N, T) uniforms in [0, 1) pick the frames; returns the same ``i0, i1, w, mask`` as
+    :func:`resample_indices` (``i0 == i1``, ``w = 0``, every frame valid)."""
+    n = np.maximum(np.asarray(crop_len, dtype=np.int64), 1)[:, None]  # (N, 1)
+    i0 = np.sort(np.minimum((np.asarray(u_NT) * n).astype(np.int64), n - 1), axis=1)
+    return i0, i0.copy(), np.zeros(i0.shape, dtype=np.float32), np.ones(i0.shape, dtype=bool)
+
+
 GATHER_BLOCK = 16
 """Samples gathered, cast and interpolated together (a cache-sized block)."""
 

@@ -37,7 +37,8 @@ decode work still grows ~W x with W workers (gather, cast and augmentation do no
 two workers per GPU are enough at these rates. Clips: training takes a random crop of
 ``[crop_min, crop_max]`` of the valid frames, evaluation the centre ``eval_crop``; both are
 linearly resampled to ``T = clip_frames`` (mask all True), or with ``short_clips="pad"``
-shorter crops are zero-padded (mask False on padding). Bodies: the first ``num_bodies`` of
+shorter crops are zero-padded (mask False on padding); with ``sampling="random"`` a training
+crop gives T frames drawn with replacement, in time order (``clips.sample_indices``). Bodies: the first ``num_bodies`` of
 the store's M (zero bodies are added if the store has fewer).
 
 Workers are started with ``forkserver`` (else ``spawn``) and each opens the store lazily,
@@ -65,7 +66,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mtscale.config import DataConfig
 from mtscale.data.augment import BatchAugment, step_seed
-from mtscale.data.clips import crop_windows, gather_clips, normalize_clips, resample_indices
+from mtscale.data.clips import crop_windows, gather_clips, normalize_clips, resample_indices, sample_indices
 from mtscale.data.order import (
     RankOrder,
     make_blocks,
@@ -296,7 +297,12 @@ class ClipDataset(IterableDataset):
             u_frac=uniform_hash(self.seed, self.epoch, 1, rows) if self.train else None,
             u_start=uniform_hash(self.seed, self.epoch, 2, rows) if self.train else None,
         )
-        i0, i1, w, mask = resample_indices(crop, cfg.clip_frames, pad_short=cfg.short_clips == "pad")
+        if self.train and cfg.sampling == "random":  # per (sample, frame slot): pure in (seed, epoch, row)
+            slots = rows.astype(np.int64)[:, None] * cfg.clip_frames + np.arange(cfg.clip_frames)
+            i0, i1, w, mask = sample_indices(crop, cfg.clip_frames,
+                                             uniform_hash(self.seed, self.epoch, 3, slots.reshape(-1)).reshape(slots.shape))
+        else:
+            i0, i1, w, mask = resample_indices(crop, cfg.clip_frames, pad_short=cfg.short_clips == "pad")
         win = local // order.window
         x = None
         for k in list(arenas):  # windows behind this batch are never needed again

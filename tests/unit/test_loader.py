@@ -390,3 +390,33 @@ def test_a_training_epoch_without_one_batch_is_refused() -> None:
         build_loader(store, _cfg(), batch_size=32, seed=0, rank=1, world_size=2)
     assert len(build_loader(store, _cfg(), batch_size=16, seed=0, rank=1, world_size=2)) == 1
     assert len(build_loader(store, _cfg(), batch_size=32, seed=0, rank=1, world_size=2, train=False)) == 1  # eval: partial
+
+
+def test_random_sampling_draws_stored_frames_in_order_with_replacement(mem_store):
+    """``sampling: random``: every training frame is one stored frame of the crop, in time order,
+    repeats where the sequence is shorter than T; a pure function of (seed, epoch, sample);
+    evaluation still resamples."""
+    cfg = _cfg(crop_min=1.0, crop_max=1.0, sampling="random")
+    loader = build_loader(mem_store, cfg, batch_size=32, seed=5)
+    b = next(iter(loader))
+    assert bool(b["mask"].all())
+    picked = []
+    for j, r in enumerate(b["index"].numpy()):
+        full = mem_store.read_sample(int(r)).reshape(int(mem_store.lengths[r]), -1)  # (L, M*V*C)
+        d = np.abs(b["x"][j].reshape(32, -1).numpy()[:, None] - full[None]).max(-1)  # (T, L)
+        idx = d.argmin(1)
+        assert d.min(1).max() < 1e-5  # a stored frame, not an interpolation
+        assert (np.diff(idx) >= 0).all()  # in time order
+        if full.shape[0] < 32:
+            assert (np.diff(idx) == 0).any()  # drawn with replacement: short sequences repeat frames
+        picked.append(idx)
+    assert any(len(set(p.tolist())) < len(p) for p in picked)
+    again = next(iter(build_loader(mem_store, cfg, batch_size=32, seed=5)))
+    torch.testing.assert_close(again["x"], b["x"], atol=0, rtol=0)
+    loader.set_epoch(1)
+    assert not torch.equal(next(iter(loader))["x"], b["x"])
+    ev = build_loader(mem_store, cfg, batch_size=8, seed=5, train=False)
+    ev_ref = build_loader(mem_store, _cfg(crop_min=1.0, crop_max=1.0), batch_size=8, seed=5, train=False)
+    torch.testing.assert_close(next(iter(ev))["x"], next(iter(ev_ref))["x"], atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="data.sampling: found 'jitter', expected resample|random"):
+        _cfg(sampling="jitter")
