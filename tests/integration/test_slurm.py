@@ -296,6 +296,7 @@ def test_tune_runs_sweep_on_job_ray_and_resumes_it_after_usr1_requeue(jobs: Jobs
         leftover = subprocess.run(["pgrep", "-f", tmp], capture_output=True, text=True).stdout.split()
         assert not leftover, f"Ray processes of job {job} still running: {leftover}"
     assert text.count("ray: 1/1 nodes up") == 2 and text.count("ray: stopping") == 2
+    assert text.count("ray: 1/1 nodes up, worker processes at nice 0:") == 2  # not Ray's default 15
     # First run: USR1 -> sweep stopped, requeued. Second run: the sweep resumed, not restarted.
     assert "got SIGUSR1: stopping the sweep" in text and f"requeueing job {job} (restart 1)" in text
     assert "exists: resuming it (restart 1)" in text
