@@ -69,7 +69,7 @@ def run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None = None,
                  resume_from: Path | str | None = None, stop: Any = None) -> dict[str, Any]:
     """Train one seed (``train.seed``, or the single entry of ``cfg.seeds``); see the module
     docstring. Returns the final metrics: ``test_top1`` / ``test_top5`` (last epoch) and
-    ``test_top1_best`` (best-on-val epoch) where a test part is configured, ``val_top1``,
+    ``test_top1_best`` (best-on-val epoch) where a test part and a validation hold-out are, ``val_top1``,
     ``epochs``, ``wall_s``, ``cpu_s``, ``run_dir``, ``final`` (checkpoint folder).
 
     SIGTERM / SIGUSR1 (or ``stop``, any object with a ``raised`` flag) stop the run at the next
@@ -356,6 +356,9 @@ def _finish(cfg: FinetuneConfig, model: torch.nn.Module, trainer: Any, store: St
                 save_confusion(cm, store.class_names, folder / "test_confusion.csv", folder / "test_confusion.png",
                                title=f"{cfg.protocol}: test top-1 {m['test_top1']:.2f}%")
     if splits.test is None:
+        return result
+    if splits.val is None or not splits.val.size:  # no hold-out: there is no best epoch to report
+        log.info("test top-1 %.2f%% (last epoch; no validation hold-out, so no best-val epoch)", result["test_top1"])
         return result
     if "test_top1_best" not in result and "test_top1" in result:
         result["test_top1_best"] = result["test_top1"]  # the last epoch was the best on val

@@ -152,6 +152,22 @@ def test_semi_uses_label_subset_and_scratch_ignores_pretrained(store, encoder_fi
     assert meta["pretrained"] is None and res["epochs"] == 1
 
 
+def test_all_training_clips_without_validation_report_no_best_epoch(store, tmp_path, caplog):
+    """``val_fraction=0`` (the final run on every training clip, settings chosen before): every
+    training clip trains, the last epoch is reported, and no "best-val epoch" is claimed."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="mtscale.train.finetune"):
+        res = run_finetune(_cfg(store, tmp_path / "all", "protocol=scratch", "epochs=1", "val_fraction=0"))
+        alone = caplog.text
+        held = run_finetune(_cfg(store, tmp_path / "held", "protocol=scratch", "epochs=1"))
+    assert res["val"] == 0 and res["train"] == held["train"] + held["val"] and held["val"] > 0
+    assert "test_top1_best" not in res and 0.0 <= res["test_top1"] <= 100.0
+    assert "test_top1_best" in held
+    assert "no validation hold-out, so no best-val epoch" in alone and "(best val epoch" not in alone
+    assert "(best val epoch" in caplog.text[len(alone):]
+
+
 def test_resume_continues_and_matches_uninterrupted(store, tmp_path):
     base = ("protocol=scratch", "epochs=3", "data.crop_min=1.0", "data.augment.rotate_deg=0", "data.augment.scale=0")
     full = run_finetune(_cfg(store, tmp_path / "full", *base))
