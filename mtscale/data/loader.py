@@ -38,8 +38,9 @@ two workers per GPU are enough at these rates. Clips: training takes a random cr
 ``[crop_min, crop_max]`` of the valid frames, evaluation the centre ``eval_crop``; both are
 linearly resampled to ``T = clip_frames`` (mask all True), or with ``short_clips="pad"``
 shorter crops are zero-padded (mask False on padding); with ``sampling="random"`` a training
-crop gives T frames drawn with replacement, in time order (``clips.sample_indices``). Bodies: the first ``num_bodies`` of
-the store's M (zero bodies are added if the store has fewer).
+crop gives T frames drawn with replacement, in time order (``clips.sample_indices``).
+Bodies: the first ``num_bodies`` of the store's M (zero bodies are added if the store has
+fewer).
 
 Workers are started with ``forkserver`` (else ``spawn``) and each opens the store lazily,
 which is safe with zarr / fsspec (no forked file handles or event loops); blosc runs

@@ -107,10 +107,11 @@ class RayConfig:
     include_dashboard: bool = False
     """Local instance: the dashboard has no authentication; it binds to 127.0.0.1 only."""
     worker_niceness: int = 0
-    """Local instance: nice value of the trial processes. Ray's own default, 15, puts every trial
-    behind any other process on the machine: next to two training runs a quickstart trial's
-    epoch took 42 s instead of the 2.4 s of the same fine-tuning outside Ray. 0 = the same
-    priority as the rest; raise it to keep the machine responsive to other work."""
+    """Local instance: niceness Ray adds to its trial processes (over its own, 0 as a rule).
+    Ray's default, 15, puts every trial behind any other process on the machine: next to two
+    training runs a quickstart trial's epoch took 42 s instead of the 2.4 s of the same
+    fine-tuning outside Ray. 0 = the same priority as the rest; raise it to keep the machine
+    responsive to other work."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.worker_niceness <= 19:
