@@ -191,25 +191,31 @@ def test_ntu_absurd_value_refused_with_its_line_and_no_warning(tmp_path: Path, v
 
 def test_generic_bad_files_are_skipped_not_fatal(tmp_path: Path) -> None:
     rng = np.random.default_rng(6)
-    arrays = {k: rng.normal(size=(7, 25, 3)).astype(np.float32) for k in ("a", "c2", "e", "huge", "neg", "z")}
+    arrays = {k: rng.normal(size=(7, 25, 3)).astype(np.float32) for k in ("a", "c2", "e", "huge", "neg", "z", "g", "t")}
     arrays["c2"] = rng.normal(size=(7, 25, 2)).astype(np.float32)  # C differs from the first sample
-    rows = ["a,1", "c2,0", "e,2", "huge,3000000", "neg,-2", "txt,x", "z,4"]
+    rows = ["a,1", "c2,0", "e,2", "huge,3000000", "neg,-2", "txt,x", "z,4", "g,0", "t,0"]
     root = _generic(tmp_path / "in", arrays, rows)
     (root / "e.npy").write_bytes(b"")  # empty file: was EOFError
+    (root / "g.npy").write_bytes(b"garbage, not an array")  # was "contains pickled (object) data"
+    (root / "t.npy").write_bytes((root / "t.npy").read_bytes()[:200])  # truncated after the header
     s = _run("generic", root, tmp_path / "st")
     store = Store.open(tmp_path / "st")
     assert store.manifest.column("sample_id").to_pylist() == ["a", "z"]
     assert store.num_classes == 5  # labels 1 and 4: not 3,000,001 classes
-    assert s["num_skipped"] == 5 and s["input_bytes"] == sum(p.stat().st_size for p in root.glob("*.npy"))
+    assert s["num_skipped"] == 7 and s["input_bytes"] == sum(p.stat().st_size for p in root.glob("*.npy"))
     rep = _report(s)
     msgs = [r["message"] for r in rep]
     assert all("\n" not in m for m in msgs)
     assert f"c2.npy: 2 coordinates per joint, expected 3 like the first sample ({root / 'a.npy'})" in msgs[0]
-    assert "e.npy: unreadable array (EOFError: No data left in file)" in msgs[1]
+    assert "e.npy: not an .npy file (empty), expected a NumPy .npy file (np.save)" in msgs[1]
+    bad = {Path(r["file"]).name: r["message"] for r in rep if r["file"].endswith(("g.npy", "t.npy"))}
+    assert "not an .npy file (starts with b'garbag'), expected a NumPy .npy file (np.save)" in bad["g.npy"]
+    assert "unreadable array (ValueError: Failed to read" in bad["t.npy"] and "not fully written" in bad["t.npy"]
+    msgs = [m for m in msgs if not m.split(":")[0].endswith(("g.npy", "t.npy"))]
     assert msgs[2].endswith(f"labels.csv:5: label 3000000, expected -1 (unlabelled) or a class id 0..{MAX_LABEL - 1}")
     assert "labels.csv:6: label -2, expected -1 (unlabelled) or a class id" in msgs[3]
     assert "labels.csv:7: label 'x', expected an integer class id" in msgs[4]
-    assert [r["line"] for r in rep] == [None, None, 5, 6, 7]
+    assert [r["line"] for r in rep if not r["file"].endswith(("g.npy", "t.npy"))] == [None, None, 5, 6, 7]
     assert s["mb_per_s"] > 0
 
 

@@ -183,6 +183,11 @@ def read_unit(unit: GenericUnit) -> Iterator[RawSample]:
     if not path.is_file():
         raise BadInputError(str(path.parent / LABELS), unit.csv_line, f"id {unit.sample_id!r} has no file {path.name}",
                             "an .npy per listed id")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head != b"\x93NUMPY":  # np.load would call any other file "pickled (object) data"
+        raise BadInputError(str(path), None, f"not an .npy file ({f'starts with {head!r}' if head else 'empty'})",
+                            "a NumPy .npy file (np.save)")
     try:
         x = np.load(path, allow_pickle=False)
     except (ValueError, EOFError, OSError) as e:  # pickled objects, empty, truncated, unreadable
