@@ -182,6 +182,14 @@ class ModelConfig:
     joints of the same temporal patch; time is then mixed by ``temporal_conv`` and the position
     embeddings, as in Hyperformer's / ST-GCN's factorised blocks). Changes what the weights
     compute: a fine-tuned model keeps its pre-trained encoder's choice."""
+    time_index: bool = False
+    """Add an embedding of each token's time in the recording to its input: the original frame
+    index of its frames (the loader's ``batch["time"]``: crop start + resample position, or the
+    drawn frame with ``data.sampling: random``), as sinusoidal features through a
+    zero-initialised projection (SkateFormer encodes the original index of sampled frames). The
+    learned temporal position says where a token sits in the T-frame clip, not how long the
+    action took; this says that. Zero at init: an encoder without it loads and starts exactly
+    where it was (the projection's weights are the only new keys)."""
 
     def __post_init__(self) -> None:
         if self.attention not in ("global", "spatial"):

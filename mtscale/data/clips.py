@@ -89,6 +89,12 @@ def sample_indices(
     return i0, i0.copy(), np.zeros(i0.shape, dtype=np.float32), np.ones(i0.shape, dtype=bool)
 
 
+def frame_times(start: np.ndarray, i0: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(N, T) float32: each clip frame's time in the recording, in frames from its first valid
+    one (crop start + resample position; a drawn frame's own index), for ``model.time_index``."""
+    return (np.asarray(start, dtype=np.float64)[:, None] + i0 + w).astype(np.float32)
+
+
 GATHER_BLOCK = 16
 """Samples gathered, cast and interpolated together (a cache-sized block)."""
 

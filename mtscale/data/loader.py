@@ -7,6 +7,7 @@
             batch["x"]      # (N, T, M, V, C) float32 on `device`, augmented (train), in the
                             # input stream of cfg.stream (C = 3 x streams; data/streams.py)
             batch["mask"]   # (N, T) bool, valid frames
+            batch["time"]   # (N, T) float32, each frame's time in the recording (frames; model.time_index)
             batch["all_valid"]  # Python bool: no padded frame in the batch (decided on the host)
             model_mask(batch)   # the mask to give a model: None when all_valid (no host sync later)
             batch["label"]  # (N,) int64
@@ -67,7 +68,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mtscale.config import DataConfig
 from mtscale.data.augment import BatchAugment, step_seed
-from mtscale.data.clips import crop_windows, gather_clips, normalize_clips, resample_indices, sample_indices
+from mtscale.data.clips import (
+    crop_windows,
+    frame_times,
+    gather_clips,
+    normalize_clips,
+    resample_indices,
+    sample_indices,
+)
 from mtscale.data.order import (
     RankOrder,
     make_blocks,
@@ -324,6 +332,7 @@ class ClipDataset(IterableDataset):
         return {
             "x": x,  # (N, T, M, V, C) float32
             "mask": torch.from_numpy(mask),  # (N, T) bool
+            "time": torch.from_numpy(frame_times(start, i0, w)),  # (N, T) float32, frames into the recording
             "label": torch.from_numpy(sel.labels[ids]),  # (N,) int64
             "index": torch.from_numpy(rows),  # (N,) int64
         }

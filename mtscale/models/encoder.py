@@ -20,6 +20,7 @@ Print the size table with ``python -m mtscale.models.encoder --table``.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from dataclasses import dataclass
 
@@ -29,6 +30,9 @@ from torch import Tensor, nn
 from mtscale.config import ModelConfig
 from mtscale.errors import ConfigError
 from mtscale.models.layers import Transformer, init_weights, key_padding_to_attn_mask, normalized_adjacency
+
+TIME_FREQS = 16
+"""Sinusoid frequencies of ``model.time_index`` (periods 2 .. 512 frames, geometric)."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ class MotionTransformer(nn.Module):
                  drop_path: float = 0.0, qkv_bias: bool = True, attn_backend: str = "auto",
                  checkpoint_activations: bool = False, rel_bias: bool = False, temporal_conv: int = 0,
                  joint_mix: str = "none", attn_drop: float = 0.0, attention: str = "global",
-                 parents: tuple[int, ...] | None = None):
+                 time_index: bool = False, parents: tuple[int, ...] | None = None):
         super().__init__()
         if tokenization not in ("frame", "patch"):
             raise ConfigError(f"model.tokenization: found {tokenization!r}, expected 'frame' or 'patch'")
@@ -119,6 +123,8 @@ class MotionTransformer(nn.Module):
         # relative attention bias (model.rel_bias): (H, V, V) joint pairs, (H, 2 Lt - 1) time offsets
         self.bias_v = nn.Parameter(torch.zeros(heads, num_joints, num_joints)) if rel_bias else None
         self.bias_t = nn.Parameter(torch.zeros(heads, 2 * self.grid[0] - 1)) if rel_bias else None
+        # time in the recording (model.time_index): sin / cos features -> D, zero at init
+        self.time_proj = nn.Linear(2 * TIME_FREQS, dim) if time_index else None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -128,6 +134,9 @@ class MotionTransformer(nn.Module):
             nn.init.trunc_normal_(m.pos_t, std=0.02)
             if m.pos_v is not None:
                 nn.init.trunc_normal_(m.pos_v, std=0.02)
+            if m.time_proj is not None:
+                nn.init.zeros_(m.time_proj.weight)
+                nn.init.zeros_(m.time_proj.bias)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, *, clip_frames: int, num_bodies: int, num_joints: int,
@@ -141,7 +150,7 @@ class MotionTransformer(nn.Module):
                    drop_path=cfg.drop_path, qkv_bias=getattr(cfg, "qkv_bias", True),
                    attn_backend=cfg.attn_backend, checkpoint_activations=cfg.checkpoint_activations,
                    rel_bias=cfg.rel_bias, temporal_conv=cfg.temporal_conv, joint_mix=cfg.joint_mix,
-                   attn_drop=cfg.attn_drop, attention=cfg.attention, parents=parents)
+                   attn_drop=cfg.attn_drop, attention=cfg.attention, time_index=cfg.time_index, parents=parents)
 
     # ------------------------------------------------------------------ tokens
     @property
@@ -180,14 +189,35 @@ class MotionTransformer(nn.Module):
         v = v_NTp[:, None, :, None].expand(N, self.M, Tp, V)
         return v.reshape(N * self.M, Tp * V)
 
-    def pos_embed(self) -> Tensor:
-        """(1, L, D) position embedding (temporal + joint in patch mode)."""
+    def pos_embed(self, time_NT: Tensor | None = None) -> Tensor:
+        """Position embedding (temporal + joint in patch mode), (1, L, D); with ``time_index``
+        plus each token's embedded time in the recording, (B, L, D)."""
         pos = self.pos_t if self.pos_v is None else self.pos_t + self.pos_v  # (1, Lt, Lv, D)
-        return pos.reshape(1, self.num_tokens, self.dim)
+        pos = pos.reshape(1, self.num_tokens, self.dim)
+        if self.time_proj is None:
+            return pos
+        if time_NT is None:
+            raise ConfigError("model.time_index: this encoder embeds each token's time in the recording, but no "
+                              "time was given; expected the clips' batch['time'] (mtscale's loader and predict give it)")
+        return pos + self.time_proj(self.time_features(time_NT).to(self.time_proj.weight.dtype))
 
-    def embed_tokens(self, tokens_BLK: Tensor) -> Tensor:
+    def time_features(self, time_NT: Tensor) -> Tensor:
+        """(N, T) frame times -> (B, L, 2 x TIME_FREQS) sin / cos features of each token's time
+        (a patch's: the mean of its frames'), periods from 2 to 512 frames, computed in fp32."""
+        N = time_NT.shape[0]
+        t = time_NT.float()
+        if self.tokenization == "patch":
+            Tp, V = self.grid
+            t = t.reshape(N, Tp, self.patch_frames).mean(-1)  # (N, Tp)
+            t = t[:, None, :, None].expand(N, self.M, Tp, V).reshape(N * self.M, Tp * V)
+        k = torch.arange(TIME_FREQS, device=t.device, dtype=torch.float32)
+        omega = 2 * math.pi / (2.0 * 256.0 ** (k / (TIME_FREQS - 1)))  # periods 2 .. 512 frames
+        ang = t[..., None] * omega
+        return torch.cat([ang.sin(), ang.cos()], dim=-1)
+
+    def embed_tokens(self, tokens_BLK: Tensor, time_NT: Tensor | None = None) -> Tensor:
         """Linear token embedding + position embedding: (B, L, K) -> (B, L, D)."""
-        return self.embed(tokens_BLK) + self.pos_embed()
+        return self.embed(tokens_BLK) + self.pos_embed(time_NT)
 
     def attn_bias(self, ids_BL: Tensor | None = None) -> Tensor | None:
         """The relative attention bias (``model.rel_bias``) of all L tokens, (1, H, L, L), or of
@@ -228,17 +258,18 @@ class MotionTransformer(nn.Module):
         return self.transformer(h_BLD, mask, ids_BL)
 
     # ------------------------------------------------------------------ public
-    def forward(self, x_NTMVC: Tensor, mask_NT: Tensor | None = None) -> Tensor:
-        """Token features (B, L, D)."""
-        return self.encode(self.embed_tokens(self.tokenize(x_NTMVC)), self.token_valid(mask_NT))
+    def forward(self, x_NTMVC: Tensor, mask_NT: Tensor | None = None, time_NT: Tensor | None = None) -> Tensor:
+        """Token features (B, L, D). ``time_NT``: each frame's time in the recording (``time_index``)."""
+        return self.encode(self.embed_tokens(self.tokenize(x_NTMVC), time_NT), self.token_valid(mask_NT))
 
-    def features(self, x_NTMVC: Tensor, mask_NT: Tensor | None = None, *, per_joint: bool = False) -> Tensor:
+    def features(self, x_NTMVC: Tensor, mask_NT: Tensor | None = None, time_NT: Tensor | None = None, *,
+                 per_joint: bool = False) -> Tensor:
         """Pooled representation: mean over valid tokens, then over folded bodies -> (N, D).
 
         ``per_joint`` (MAMP's fine-tuning head): mean over valid temporal positions only, the
         joint columns concatenated -> (N, Lv * D) (Lv = V in patch mode, 1 in frame mode)."""
         N = x_NTMVC.shape[0]
-        h_BLD = self(x_NTMVC, mask_NT)
+        h_BLD = self(x_NTMVC, mask_NT, time_NT)
         Lt, Lv = self.grid
         h = h_BLD.reshape(h_BLD.shape[0], Lt, Lv, self.dim)  # (B, Lt, Lv, D)
         valid = self.token_valid(mask_NT)
@@ -286,13 +317,13 @@ class ClassifierHead(nn.Module):
         nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE fine-tuning init
         nn.init.zeros_(self.head.bias)
 
-    def features(self, x_NTMVC: Tensor, mask_NT: Tensor | None = None) -> Tensor:
+    def features(self, x_NTMVC: Tensor, mask_NT: Tensor | None = None, time_NT: Tensor | None = None) -> Tensor:
         """The pooled encoder features this head reads: (N, D) or (N, Lv * D)."""
-        return self.encoder.features(x_NTMVC, mask_NT, per_joint=self.pool == "joint")
+        return self.encoder.features(x_NTMVC, mask_NT, time_NT, per_joint=self.pool == "joint")
 
-    def forward(self, x_NTMVC: Tensor, mask_NT: Tensor | None = None) -> Tensor:
-        """Logits (N, num_classes)."""
-        f = self.features(x_NTMVC, mask_NT)
+    def forward(self, x_NTMVC: Tensor, mask_NT: Tensor | None = None, time_NT: Tensor | None = None) -> Tensor:
+        """Logits (N, num_classes). ``time_NT``: each frame's time in the recording (``time_index``)."""
+        f = self.features(x_NTMVC, mask_NT, time_NT)
         if isinstance(self.fc_norm, nn.LayerNorm):
             return self.head(self.drop(self.fc_norm(f)))
         return self.head(self.fc_norm(self.drop(f)))
@@ -302,8 +333,8 @@ _BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
 
 def layer_id_for(name: str, depth: int) -> int:
-    """Layer id for layer-wise lr decay (BEiT/MAE): embeddings and the relative attention bias
-    (shared by all blocks) 0, block i -> i + 1, rest depth + 1.
+    """Layer id for layer-wise lr decay (BEiT/MAE): embeddings (token, position, time) and the
+    relative attention bias (shared by all blocks) 0, block i -> i + 1, rest depth + 1.
 
     lr scale for a parameter = decay ** (depth + 1 - layer_id_for(name, depth)).
     Works with or without an ``encoder.`` prefix.
@@ -312,7 +343,7 @@ def layer_id_for(name: str, depth: int) -> int:
     if m:
         return int(m.group(1)) + 1
     leaf = name.removeprefix("encoder.")
-    if leaf.startswith(("embed.", "pos_t", "pos_v", "bias_v", "bias_t", "mask_token")):
+    if leaf.startswith(("embed.", "pos_t", "pos_v", "time_proj.", "bias_v", "bias_t", "mask_token")):
         return 0
     return depth + 1
 

@@ -132,9 +132,10 @@ class PretrainModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x_NTMVC: Tensor, mask_NT: Tensor | None, sample_keys_N: Tensor, step: int, seed: int,
-                per_sample: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+                per_sample: bool = False, time_NT: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss on hidden tokens. Returns (scalar loss, metrics); metrics are detached scalars,
-        plus ``per_sample_loss`` (N,) when ``per_sample``.
+        plus ``per_sample_loss`` (N,) when ``per_sample``. ``time_NT``: each frame's time in the
+        recording (the encoder's ``time_index``).
 
         The loss is the mean over samples of each sample's mean over its hidden valid tokens of
         present (not all-zero) bodies, so it is additive over batch splits (a 2-rank mean equals
@@ -151,10 +152,10 @@ class PretrainModel(nn.Module):
         # DeepSpeed's bf16 mode; fp32 params under autocast, which then casts per op).
         h_BLD = enc.embed(tokens_BLK.to(enc.embed.weight.dtype))
         if self.kind == "motion_flow":
-            h_BLD = torch.where(masked_BL[..., None], self.mask_token.to(h_BLD.dtype), h_BLD) + enc.pos_embed()
+            h_BLD = torch.where(masked_BL[..., None], self.mask_token.to(h_BLD.dtype), h_BLD) + enc.pos_embed(time_NT)
             pred_BLK = self.head(enc.encode(h_BLD, valid_BL))
         else:
-            pred_BLK = self._mae(h_BLD + enc.pos_embed(), valid_BL, ids_keep, ids_restore)
+            pred_BLK = self._mae(h_BLD + enc.pos_embed(time_NT), valid_BL, ids_keep, ids_restore)
 
         w_BL = masked_BL if valid_BL is None else masked_BL & valid_BL
         w_BL = w_BL & body_present(x_NTMVC, mask_NT, enc.bodies_folded)[:, None]

@@ -38,10 +38,11 @@ META = "meta.json"
 # Model fields that only change how the architecture runs (not its weights): taken from the
 # fine-tuning config even when the architecture comes from the pre-trained file.
 RUNTIME_FIELDS = ("drop_path", "attn_backend", "checkpoint_activations", "compile", "attn_drop")
-# Model fields that add new, zero-gated branches (models/layers.py): the fine-tuning config may turn
-# them on over a pre-trained encoder built without them; the branches' parameters are then the
-# only keys the file lacks, and the encoder starts exactly where pre-training left it.
-ADDABLE_FIELDS = {"temporal_conv": 0, "joint_mix": "none"}
+# Model fields that add new, zero-gated branches (models/layers.py; the encoder's time_proj): the
+# fine-tuning config may turn them on over a pre-trained encoder built without them; the branches'
+# parameters are then the only keys the file lacks, and the encoder starts exactly where
+# pre-training left it.
+ADDABLE_FIELDS = {"temporal_conv": 0, "joint_mix": "none", "time_index": False}
 
 
 # --------------------------------------------------------------------------- encoder
@@ -186,7 +187,8 @@ def load_encoder_state(enc: MotionTransformer, state: dict[str, torch.Tensor], w
     expected = enc.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    new = [k for k in missing if ".tconv." in k or k.endswith(("tconv_gate", "attn.mix", "attn.mix_gate"))]
+    new = [k for k in missing if ".tconv." in k or k.startswith("time_proj.")
+           or k.endswith(("tconv_gate", "attn.mix", "attn.mix_gate"))]
     if unexpected or (set(missing) - set(new)) or (missing and not added):
         raise BadInputError(where, None, f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}",
                             "exactly the keys of the encoder described by its encoder.json")

@@ -62,7 +62,7 @@ def score_rows(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], st
                    unit="sample", disable=not (progress and rt.world.is_main), leave=False)
         for batch in loader:
             with rt.autocast():
-                y = forward(batch["x"], model_mask(batch))
+                y = forward(batch["x"], model_mask(batch), batch.get("time"))
             outs.append(y.float().cpu().numpy())
             idx.append(batch["index"].cpu().numpy())
             bar.update(len(idx[-1]))
@@ -83,12 +83,12 @@ def _agreed_width(width: int) -> int:
     return max(all_gather_objects(int(width)))
 
 
-def classifier_forward(model: torch.nn.Module, probs: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``(x, mask) -> logits`` (or softmax probabilities) of a classifier in eval mode."""
+def classifier_forward(model: torch.nn.Module, probs: bool) -> Callable[..., torch.Tensor]:
+    """``(x, mask, time) -> logits`` (or softmax probabilities) of a classifier in eval mode."""
     model.eval()
 
-    def f(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        logits = model(x, mask).float()
+    def f(x: torch.Tensor, mask: torch.Tensor | None, time: torch.Tensor | None = None) -> torch.Tensor:
+        logits = model(x, mask, time).float()
         return F.softmax(logits, dim=1) if probs else logits
 
     return f

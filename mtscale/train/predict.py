@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mtscale.config import DataConfig, from_dict
-from mtscale.data.clips import crop_windows, gather_clips, normalize_clips, resample_indices
+from mtscale.data.clips import crop_windows, frame_times, gather_clips, normalize_clips, resample_indices
 from mtscale.data.formats import RawSample, get_reader
 from mtscale.data.layouts import get_layout
 from mtscale.data.preprocess import PrepareOptions, preprocess
@@ -48,10 +48,10 @@ def prepare_options(meta: dict[str, Any]) -> PrepareOptions:
 
 
 def eval_clip(x_TMVC: np.ndarray, data: DataConfig, num_bodies: int,
-              parents: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              parents: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The evaluation clip the loader would cut, normalised and in ``data.stream`` as the loader
-    gives it: (1, T, M, V, 3 x streams) float32 and mask (1, T). ``parents``: the layout's tree
-    (needed by the bone streams)."""
+    gives it: (1, T, M, V, 3 x streams) float32, mask (1, T) and each frame's time in the
+    recording (1, T). ``parents``: the layout's tree (needed by the bone streams)."""
     T, M = x_TMVC.shape[:2]
     if M < num_bodies:  # pad absent bodies with zeros, as the loader does
         pad = np.zeros((T, num_bodies - M) + x_TMVC.shape[2:], dtype=x_TMVC.dtype)
@@ -62,7 +62,8 @@ def eval_clip(x_TMVC: np.ndarray, data: DataConfig, num_bodies: int,
     i0, i1, w, mask = resample_indices(crop, data.clip_frames, pad_short=data.short_clips == "pad")
     x = gather_clips(x_TMVC, start, i0, i1, w, mask)  # (1, T', M, V, C)
     mask_t = torch.from_numpy(mask)
-    return apply_stream(normalize_clips(x, mask_t, data.normalize), mask_t, parents, data.stream), mask_t
+    x = apply_stream(normalize_clips(x, mask_t, data.normalize), mask_t, parents, data.stream)
+    return x, mask_t, torch.from_numpy(frame_times(start, i0, w))
 
 
 def iter_samples(files: list[str], fmt: str | None, meta: dict[str, Any]) -> Iterator[tuple[str, RawSample]]:
@@ -95,8 +96,8 @@ def predict_files(checkpoint: str, files: list[str], *, fmt: str | None = None, 
         if sample.layout != meta["layout"]:
             raise BadInputError(f, None, f"layout {sample.layout!r}", f"{meta['layout']!r} (the checkpoint's)")
         x_TMVC = preprocess(sample, options)
-        x, mask = eval_clip(x_TMVC, data, int(meta["num_bodies"]), parents)
-        probs = F.softmax(model(x.to(device), mask.to(device)).float(), dim=1)[0].cpu()
+        x, mask, time = eval_clip(x_TMVC, data, int(meta["num_bodies"]), parents)
+        probs = F.softmax(model(x.to(device), mask.to(device), time.to(device)).float(), dim=1)[0].cpu()
         if not bool(torch.isfinite(probs).all()):  # e.g. a checkpoint with non-finite weights
             raise BadInputError(str(checkpoint), None, f"non-finite class scores for {f}",
                                 "a classifier with finite weights (mtscale verify the store; re-train)")

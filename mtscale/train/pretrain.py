@@ -126,7 +126,8 @@ def _run(cfg: PretrainConfig, world: World, device: torch.device, backend: str, 
         mask = model_mask(batch)
         mask = None if mask is None else mask.to(device, non_blocking=True)
         keys = batch["index"].to(device, non_blocking=True)
-        loss, metrics = engine(x, mask, keys, step=step, seed=tr.seed)
+        time = batch["time"].to(device, non_blocking=True)  # frames into the recording (model.time_index)
+        loss, metrics = engine(x, mask, keys, step=step, seed=tr.seed, time_NT=time)
         return loss, {k: v for k, v in metrics.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1}
 
     def save(step: int) -> None:

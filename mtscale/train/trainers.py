@@ -180,7 +180,7 @@ class FullTrainer:
         for i, batch in enumerate(self.loader, start=i0):
             if i >= n_micro:
                 break
-            x, mask, y = batch["x"], model_mask(batch), batch["label"]
+            x, mask, y, time = batch["x"], model_mask(batch), batch["label"], batch.get("time")
             target = smoothed_targets(y, self.num_classes, cfg.label_smoothing)
             if cfg.mixup > 0:
                 g = np.random.default_rng([cfg.train.seed, epoch, i, rt.world.rank])
@@ -188,13 +188,14 @@ class FullTrainer:
                 perm = torch.from_numpy(g.permutation(x.shape[0])).to(x.device)
                 x = lam * x + (1 - lam) * x[perm]
                 mask = None if mask is None else mask | mask[perm]
+                time = None if time is None else lam * time + (1 - lam) * time[perm]
                 target = lam * target + (1 - lam) * target[perm]
             sync = (i + 1) % self.accum == 0
             ctx = self.ddp.no_sync() if (rt.distributed and not sync and hasattr(self.ddp, "no_sync")) \
                 else contextlib.nullcontext()
             with ctx:
                 with rt.autocast():
-                    logits = self.ddp(x, mask)
+                    logits = self.ddp(x, mask, time)
                 loss = soft_cross_entropy(logits, target)
                 self.scaler.scale(loss / self.accum).backward()
             step_losses.append(loss.detach())
@@ -272,8 +273,8 @@ class LinearProbe:
         clf.encoder.requires_grad_(False)
         clf.encoder.eval()
 
-        def features(x: Tensor, mask: Tensor) -> Tensor:
-            return clf.features(x, mask)  # (N, D), or (N, V * D) with pool=joint
+        def features(x: Tensor, mask: Tensor | None, time: Tensor | None = None) -> Tensor:
+            return clf.features(x, mask, time)  # (N, D), or (N, V * D) with pool=joint
 
         bs = cfg.eval_batch_size or 2 * self.micro_batch_size
         labels = np.asarray(store.labels)

@@ -346,6 +346,35 @@ def test_unfinished_pretraining_and_unsafe_run_dirs_are_refused(store, tmp_path)
     assert sorted(x.name for x in foreign.iterdir()) == ["data.csv"]
 
 
+def test_time_index_over_an_old_encoder_trains_and_evaluate_reproduces_it(store, encoder_file, tmp_path, caplog):
+    """``model.time_index`` over an encoder pre-trained without it: its projection is the only new
+    key (logged), the times reach the model in training (the projection moves), the linear
+    probe's cached features take them too, and ``mtscale evaluate`` (which rebuilds the clips and
+    their times) gives the fine-tuning run's test accuracy."""
+    from safetensors.torch import load_file
+
+    caplog.set_level("INFO", logger="mtscale")
+    out = run_finetune(_cfg(store, tmp_path / "timed", f"pretrained={encoder_file}", "model.time_index=true",
+                            "epochs=1", "train.lr=0.01"))
+    assert any("added time_index=True over the pre-trained encoder: 2 new parameters" in r.message
+               for r in caplog.records)
+    w = load_file(str(Path(out["final"]) / "model.safetensors"))["encoder.time_proj.weight"]
+    assert w.abs().sum() > 0  # zero at init: moved, so the times reached it
+    r = _cli("evaluate", "--checkpoint", str(out["final"]), "--store", store, "--split", "xsub60", "--json",
+             "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["top1"] == pytest.approx(out["test_top1"], abs=1e-6)
+    raw = sorted((Path(store).parent / "raw").glob("*.skeleton"))[:2]
+    r = _cli("predict", "--checkpoint", str(out["final"]), *map(str, raw), "--json")  # its clips carry times too
+    assert r.returncode == 0 and len(json.loads(r.stdout)) == 2, r.stderr[-2000:]
+    # the linear probe's cached features go through the same path (frozen: a zero projection)
+    lin = run_finetune(_cfg(store, tmp_path / "timed_lin", "protocol=linear", f"pretrained={encoder_file}",
+                            "model.time_index=true", "epochs=1"))
+    plain = run_finetune(_cfg(store, tmp_path / "plain_lin", "protocol=linear", f"pretrained={encoder_file}",
+                              "epochs=1"))
+    assert lin["test_top1"] == pytest.approx(plain["test_top1"], abs=1e-6)
+
+
 def test_cli_finetune_seeds_and_evaluate(store, encoder_file, tmp_path):
     run = tmp_path / "cli"
     r = _cli("finetune", "--config", str(CONFIG), "--pretrained", str(encoder_file), "--seeds", "0,1", "--json",

@@ -76,7 +76,7 @@ def test_predict_matches_the_evaluation_clip(checkpoint, tmp_path):
     batch = next(iter(rows_loader(store, data, np.arange(3), batch_size=3, seed=0, rank=0, world_size=1,
                                   train=False, device=torch.device("cpu"))))
     for j, row in enumerate(batch["index"].tolist()):
-        x, mask = eval_clip(store.read_sample(row), data, int(meta["num_bodies"]))
+        x, mask, _ = eval_clip(store.read_sample(row), data, int(meta["num_bodies"]))
         assert torch.allclose(x[0], batch["x"][j], atol=1e-6) and torch.equal(mask[0], batch["mask"][j])
 
 

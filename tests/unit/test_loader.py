@@ -72,6 +72,10 @@ def test_batch_schema_and_reference_crop_resample(mem_store):
     start, crop = crop_windows(mem_store.lengths[rows], train=True, crop_min=0.3, crop_max=0.9,
                                eval_crop=1.0, u_frac=u_f, u_start=u_s)
     assert len(set(crop.tolist())) > 3  # random crop lengths
+    # each frame's time in the recording: crop start + its resample position (align_corners=False)
+    src = np.maximum((np.arange(32) + 0.5) * (crop[:, None] / 32) - 0.5, 0.0)
+    np.testing.assert_allclose(b["time"].numpy(), start[:, None] + np.minimum(src, crop[:, None] - 1), atol=1e-4)
+    assert b["time"].dtype == torch.float32
     for j, r in enumerate(rows):
         full = torch.from_numpy(mem_store.read_sample(int(r)))  # (T, M, V, C)
         seg = full[start[j]:start[j] + crop[j]]
@@ -330,9 +334,10 @@ def test_loader_and_prediction_apply_the_configured_normalisation(mem_store):
                                  train=False)))
     assert not torch.allclose(raw["x"], b["x"])
     # prediction cuts the same evaluation clip, normalised the same way
-    x, mask = eval_clip(mem_store.read_sample(int(b["index"][0])), cfg, num_bodies=2)
+    x, mask, time = eval_clip(mem_store.read_sample(int(b["index"][0])), cfg, num_bodies=2)
     torch.testing.assert_close(x[0], b["x"][0], atol=1e-5, rtol=1e-5)
     assert bool(mask.all())
+    torch.testing.assert_close(time[0], b["time"][0], atol=0, rtol=0)  # the same frame times (model.time_index)
 
 
 _ORPHAN_SCRIPT = r"""
@@ -407,6 +412,7 @@ def test_random_sampling_draws_stored_frames_in_order_with_replacement(mem_store
         idx = d.argmin(1)
         assert d.min(1).max() < 1e-5  # a stored frame, not an interpolation
         assert (np.diff(idx) >= 0).all()  # in time order
+        assert np.array_equal(b["time"][j].numpy(), idx)  # its time: the drawn frame's own index
         if full.shape[0] < 32:
             assert (np.diff(idx) == 0).any()  # drawn with replacement: short sequences repeat frames
         picked.append(idx)

@@ -230,3 +230,49 @@ def test_spatial_attention_is_recorded_and_old_files_read_as_global() -> None:
     with pytest.raises(ConfigError, match="patch"):
         MotionTransformer.from_config(ModelConfig(tokenization="frame", attention="spatial"),
                                       clip_frames=T, num_bodies=M, num_joints=V)
+
+
+# ---------------------------------------------------------------- model.time_index
+
+
+def times(n: int = N, scale: float = 1.0) -> torch.Tensor:
+    """(N, T) increasing frame times, clip k spread over its own length."""
+    return torch.stack([torch.linspace(0, scale * (10 + 20 * k), T) for k in range(n)])
+
+
+def test_time_index_starts_at_zero_and_then_reads_the_time() -> None:
+    """Zero-initialised: the output equals the encoder without it (loaded weights), whatever the
+    times; once trained (projection non-zero) the same clip at another speed gives another output;
+    tokens of one temporal patch share their patch's mean time."""
+    plain, timed = enc(), enc(time_index=True)
+    missing = sorted(set(timed.state_dict()) - set(plain.state_dict()))
+    assert missing == ["time_proj.bias", "time_proj.weight"]
+    assert sum(p.numel() for p in timed.parameters()) - sum(p.numel() for p in plain.parameters()) == (32 + 1) * 64
+    load_encoder_state(timed, plain.state_dict(), "old.safetensors", ["time_index=True"])
+    plain.eval(), timed.eval()
+    x = x_batch()
+    torch.testing.assert_close(timed(x, None, times()), plain(x), rtol=0, atol=0)
+    with torch.no_grad():
+        timed.time_proj.weight.normal_(0, 0.1)
+    assert (timed(x, None, times()) - timed(x, None, times(scale=2.0))).abs().max() > 1e-3
+    f = timed.time_features(times())  # (B, L, 32), token l = tp * V + v
+    assert f.shape == (N * M, (T // 4) * V, 32)
+    torch.testing.assert_close(f[:, 0], f[:, V - 1])  # same patch, same time
+    t0 = times()[:, :4].mean(1)  # patch 0's mean time -> sin of the slowest frequency
+    omega = 2 * torch.pi / 512.0
+    torch.testing.assert_close(f[:, 0, 15], torch.sin(t0 * omega))
+    with pytest.raises(ConfigError, match="model.time_index: .*no time was given"):
+        timed(x)
+
+
+def test_time_index_in_masked_pretraining_and_frame_tokens() -> None:
+    from mtscale.config import ObjectiveConfig
+    from mtscale.models.objectives import build_pretrain_model
+
+    for tok in ("patch", "frame"):
+        m = build_pretrain_model(ModelConfig(size="tiny", tokenization=tok, time_index=True),
+                                 ObjectiveConfig(decoder_dim=32, decoder_depth=1, decoder_heads=4, mask_ratio=0.75),
+                                 clip_frames=T, num_bodies=M, num_joints=V)
+        loss, _ = m(x_batch(), None, torch.arange(N), step=0, seed=0, time_NT=times())
+        loss.backward()
+        assert torch.isfinite(loss) and m.encoder.time_proj.weight.grad.abs().sum() > 0
