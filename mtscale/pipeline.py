@@ -52,7 +52,7 @@ class Pipeline:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{stage}.log"
         print(f"\n[{stage}] $ {shlex.join(cmd)}", flush=True)
-        with open(log_path, "a") as log:
+        with open(log_path, "a", buffering=1) as log:  # line-buffered: the log shows a stage that hangs
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     env={**os.environ, **(env or {})}, cwd=self.work)
             assert proc.stdout is not None
@@ -143,8 +143,8 @@ class Pipeline:
             return have[0]
         group = performer_group(info.get("columns", []))
         sizes = add_holdout_split(str(self.store), 0.2, group or None)
-        print(f"split: the data has none; held out 20 % of each class as the test set"
-              f"{' (whole ' + group[0] + 's)' if group else ''}: {sizes}", flush=True)
+        what = f"of the {group[0]}s, whole," if group else "of each class"
+        print(f"split: the data has none; held out 20 % {what} as the test set: {sizes}", flush=True)
         return HOLDOUT
 
     def pretrain(self) -> dict:

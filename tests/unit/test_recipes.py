@@ -110,8 +110,8 @@ def test_quickstart_data_without_split_holds_out_a_test_set(tmp_path, capsys) ->
     write_store(str(pipe.store), samples, layout="ntu25", num_bodies=1, dtype="float32")
     assert pipe._default_split(Store.open(str(pipe.store)).info()) == "holdout"
     out = capsys.readouterr().out
-    assert "held out 20 % of each class as the test set (whole subjects)" in out
-    assert Store.open(str(pipe.store)).info()["splits"]["holdout"]["test"] == 9  # 1 of 5 subjects x 3 classes
+    assert "held out 20 % of the subjects, whole, as the test set" in out
+    assert Store.open(str(pipe.store)).info()["splits"]["holdout"]["test"] == 9  # 1 of 5 subjects: 9 clips
     assert pipe._default_split(Store.open(str(pipe.store)).info()) == "holdout"  # an existing split is used
     assert "using 'holdout'" in capsys.readouterr().out
 
@@ -138,3 +138,28 @@ def test_grouped_subset_keeps_groups_whole_and_strata_exact() -> None:
         assert len(held) == 2 and not held & set(np.delete(performers, pick))
         assert pick.size == 24 and np.array_equal(pick, np.sort(pick))
     assert grouped_fraction_subset(np.full(5, -1), np.arange(5), 0.2, 0).size == 0  # nothing labelled
+
+
+def test_a_stage_log_is_written_while_the_stage_runs(tmp_path) -> None:
+    """A stage that prints and then hangs (the stuck pre-training of an earlier session) left an
+    empty log: the tee's file was block-buffered. Each line is on disk as it arrives."""
+    import argparse
+    import sys
+    import threading
+    import time
+
+    from mtscale.pipeline import Pipeline
+
+    args = argparse.Namespace(workdir=str(tmp_path / "qs"), quick=True, data=None, format="ntu", split=None,
+                              procs=2, skip_tune=True, minutes=1.0)
+    pipe = Pipeline(args)
+    pipe.work.mkdir(parents=True)
+    code = "import time; print('step 1: loss 0.9', flush=True); time.sleep(8)"
+    t = threading.Thread(target=pipe._run, args=("hang", [sys.executable, "-c", code]), daemon=True)
+    t.start()
+    log = pipe.log_dir / "hang.log"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and "step 1: loss 0.9" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.2)
+    assert t.is_alive() and "step 1: loss 0.9" in log.read_text()  # on disk while the stage still runs
+    t.join(timeout=20)
