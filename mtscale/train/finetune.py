@@ -138,7 +138,8 @@ def _run_finetune(cfg: FinetuneConfig, *, on_epoch: EpochCallback | None, resume
         partial = None
         metrics = {"epoch": epoch, **trained, **trainer.validate()}
         metrics["epoch_s"] = time.perf_counter() - te
-        improved = metrics.get("val_top1", -math.inf) > best["val_top1"] or best["epoch"] < 0
+        # no validation hold-out (val_fraction 0): there is no best epoch, only the last
+        improved = "val_top1" in metrics and (metrics["val_top1"] > best["val_top1"] or best["epoch"] < 0)
         if improved:
             best = {"val_top1": metrics.get("val_top1", math.nan), "epoch": epoch}
         if rt.world.is_main and (epoch == start or (epoch + 1) % max(1, cfg.epochs // 20) == 0):  # <= ~20 lines
@@ -322,7 +323,8 @@ def _finish(cfg: FinetuneConfig, model: torch.nn.Module, trainer: Any, store: St
     if rt.distributed:
         dist.barrier()
     result: dict[str, Any] = {"run_dir": str(run_dir), "final": str(run_dir / "final"), "epochs": cfg.epochs,
-                              "protocol": cfg.protocol, "best_epoch": best["epoch"], **splits.sizes()}
+                              "protocol": cfg.protocol, "best_epoch": best["epoch"] if best["epoch"] >= 0 else None,
+                              **splits.sizes()}
     for k in ("val_top1", "val_loss", "train_loss"):
         if k in last:
             result[k] = last[k]

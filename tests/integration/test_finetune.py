@@ -158,11 +158,12 @@ def test_all_training_clips_without_validation_report_no_best_epoch(store, tmp_p
     import logging
 
     with caplog.at_level(logging.INFO, logger="mtscale.train.finetune"):
-        res = run_finetune(_cfg(store, tmp_path / "all", "protocol=scratch", "epochs=1", "val_fraction=0"))
+        res = run_finetune(_cfg(store, tmp_path / "all", "protocol=scratch", "epochs=2", "val_fraction=0"))
         alone = caplog.text
         held = run_finetune(_cfg(store, tmp_path / "held", "protocol=scratch", "epochs=1"))
     assert res["val"] == 0 and res["train"] == held["train"] + held["val"] and held["val"] > 0
-    assert "test_top1_best" not in res and 0.0 <= res["test_top1"] <= 100.0
+    assert "test_top1_best" not in res and 0.0 <= res["test_top1"] <= 100.0 and res["best_epoch"] is None
+    assert not (tmp_path / "all" / "best").exists()  # epoch 0 was once kept and reported as the "best"
     assert "test_top1_best" in held
     assert "no validation hold-out, so no best-val epoch" in alone and "(best val epoch" not in alone
     assert "(best val epoch" in caplog.text[len(alone):]
