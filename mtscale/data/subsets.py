@@ -63,9 +63,8 @@ def grouped_fraction_subset(labels: np.ndarray, groups: np.ndarray, fraction: fl
     labelled = np.flatnonzero(labels >= 0)
     if labelled.size == 0:
         return np.zeros(0, dtype=np.int64)
-    pairs = np.unique(np.stack([groups[labelled].astype(str), labels[labelled].astype(str)]), axis=1)
-    if np.unique(pairs[0]).size < pairs.shape[1]:  # some group holds several classes
-        names = np.unique(groups[labelled])
+    names = np.unique(groups[labelled])
+    if len(set(zip(groups[labelled].tolist(), labels[labelled].tolist()))) > names.size:  # a group spans classes
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 13])
         chosen = rng.choice(names, size=class_quota(names.size, fraction), replace=False)
         return labelled[np.isin(groups[labelled], chosen)]

@@ -183,11 +183,13 @@ class MotionTransformer(nn.Module):
         mask_NT = mask_NT.bool()
         if self.tokenization == "frame":
             return mask_NT
-        N = mask_NT.shape[0]
-        Tp, V = self.grid
-        v_NTp = mask_NT.reshape(N, Tp, self.patch_frames).any(dim=2)
-        v = v_NTp[:, None, :, None].expand(N, self.M, Tp, V)
-        return v.reshape(N * self.M, Tp * V)
+        return self.per_token(mask_NT.reshape(mask_NT.shape[0], -1, self.patch_frames).any(dim=2))
+
+    def per_token(self, v_NTp: Tensor) -> Tensor:
+        """Patch mode: a value per temporal patch (N, Tp) -> the same value for each of its tokens
+        (every body and joint of that patch), (B, L) in token order."""
+        N, (Tp, V) = v_NTp.shape[0], self.grid
+        return v_NTp[:, None, :, None].expand(N, self.M, Tp, V).reshape(N * self.M, Tp * V)
 
     def pos_embed(self, time_NT: Tensor | None = None) -> Tensor:
         """Position embedding (temporal + joint in patch mode), (1, L, D); with ``time_index``
@@ -204,12 +206,9 @@ class MotionTransformer(nn.Module):
     def time_features(self, time_NT: Tensor) -> Tensor:
         """(N, T) frame times -> (B, L, 2 x TIME_FREQS) sin / cos features of each token's time
         (a patch's: the mean of its frames'), periods from 2 to 512 frames, computed in fp32."""
-        N = time_NT.shape[0]
         t = time_NT.float()
         if self.tokenization == "patch":
-            Tp, V = self.grid
-            t = t.reshape(N, Tp, self.patch_frames).mean(-1)  # (N, Tp)
-            t = t[:, None, :, None].expand(N, self.M, Tp, V).reshape(N * self.M, Tp * V)
+            t = self.per_token(t.reshape(t.shape[0], -1, self.patch_frames).mean(-1))
         k = torch.arange(TIME_FREQS, device=t.device, dtype=torch.float32)
         omega = 2 * math.pi / (2.0 * 256.0 ** (k / (TIME_FREQS - 1)))  # periods 2 .. 512 frames
         ang = t[..., None] * omega
