@@ -85,21 +85,26 @@ class PretrainModel(nn.Module):
             self.mask_token = nn.Parameter(torch.zeros(1, 1, E))
             self.decoder_pos_t = nn.Parameter(torch.zeros(1, Lt, 1, E))
             self.decoder_pos_v = nn.Parameter(torch.zeros(1, 1, Lv, E))
+            # the hidden tokens' time in the recording (model.time_index), as the encoder embeds it
+            self.decoder_time_proj = nn.Linear(encoder.time_proj.in_features, E) if encoder.time_proj is not None else None
             self.decoder = Transformer(E, cfg.decoder_depth, cfg.decoder_heads, 4.0, 0.0, True, attn_backend,
                                        checkpoint_activations)
             self.decoder_pred = nn.Linear(E, K)
-        self.apply(self._init_weights)
+        self._init_weights()
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, MotionTransformer):
-            return  # already initialised by its own constructor
-        init_weights(m)
-        if isinstance(m, PretrainModel):
-            nn.init.normal_(m.mask_token, std=0.02)
-            if m.kind != "motion_flow":
-                nn.init.trunc_normal_(m.decoder_pos_t, std=0.02)
-                nn.init.trunc_normal_(m.decoder_pos_v, std=0.02)
+    def _init_weights(self) -> None:
+        """The objective's own modules; the encoder keeps its constructor's init (``self.apply``
+        would re-draw its linears, the zero-initialised time projection among them)."""
+        for child in self.children():
+            if child is not self.encoder:
+                child.apply(init_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+        if self.kind != "motion_flow":
+            nn.init.trunc_normal_(self.decoder_pos_t, std=0.02)
+            nn.init.trunc_normal_(self.decoder_pos_v, std=0.02)
+            if self.decoder_time_proj is not None:  # zero at init, as the encoder's
+                nn.init.zeros_(self.decoder_time_proj.weight)
+                nn.init.zeros_(self.decoder_time_proj.bias)
 
     # ------------------------------------------------------------------ pieces
     def sequence_keys(self, sample_keys_N: Tensor) -> Tensor:
@@ -155,7 +160,7 @@ class PretrainModel(nn.Module):
             h_BLD = torch.where(masked_BL[..., None], self.mask_token.to(h_BLD.dtype), h_BLD) + enc.pos_embed(time_NT)
             pred_BLK = self.head(enc.encode(h_BLD, valid_BL))
         else:
-            pred_BLK = self._mae(h_BLD + enc.pos_embed(time_NT), valid_BL, ids_keep, ids_restore)
+            pred_BLK = self._mae(h_BLD + enc.pos_embed(time_NT), valid_BL, ids_keep, ids_restore, time_NT)
 
         w_BL = masked_BL if valid_BL is None else masked_BL & valid_BL
         w_BL = w_BL & body_present(x_NTMVC, mask_NT, enc.bodies_folded)[:, None]
@@ -174,8 +179,11 @@ class PretrainModel(nn.Module):
             metrics["per_sample_loss"] = loss_N.detach()
         return loss, metrics
 
-    def _mae(self, h_BLD: Tensor, valid_BL: Tensor | None, ids_keep: Tensor, ids_restore: Tensor) -> Tensor:
-        """Encode visible tokens, decode all: (B, L, D) -> predictions (B, L, K)."""
+    def _mae(self, h_BLD: Tensor, valid_BL: Tensor | None, ids_keep: Tensor, ids_restore: Tensor,
+             time_NT: Tensor | None = None) -> Tensor:
+        """Encode visible tokens, decode all: (B, L, D) -> predictions (B, L, K). With the
+        encoder's ``time_index`` the decoder's position embedding also carries every token's time
+        (hidden tokens included: their time is known, only their motion is hidden)."""
         B, L, D = h_BLD.shape
         Lk = ids_keep.shape[1]
         vis_BkD = torch.gather(h_BLD, 1, ids_keep[..., None].expand(B, Lk, D))
@@ -186,6 +194,9 @@ class PretrainModel(nn.Module):
         d_BLE = torch.cat([d_BkE, self.mask_token.to(d_BkE.dtype).expand(B, L - Lk, E)], dim=1)
         d_BLE = torch.gather(d_BLE, 1, ids_restore[..., None].expand(B, L, E))  # unshuffle
         d_BLE = d_BLE + (self.decoder_pos_t + self.decoder_pos_v).reshape(1, L, E)
+        if self.decoder_time_proj is not None:  # time_NT is not None: pos_embed above required it
+            tf = self.encoder.time_features(time_NT).to(self.decoder_time_proj.weight.dtype)
+            d_BLE = d_BLE + self.decoder_time_proj(tf)
         d_BLE = self.decoder(d_BLE, key_padding_to_attn_mask(valid_BL))
         return self.decoder_pred(d_BLE)
 

@@ -276,3 +276,28 @@ def test_time_index_in_masked_pretraining_and_frame_tokens() -> None:
         loss, _ = m(x_batch(), None, torch.arange(N), step=0, seed=0, time_NT=times())
         loss.backward()
         assert torch.isfinite(loss) and m.encoder.time_proj.weight.grad.abs().sum() > 0
+        # the decoder sees the hidden tokens' times too: zero at init, then trained
+        assert m.decoder_time_proj.weight.abs().sum() == 0 and m.decoder_time_proj.weight.grad.abs().sum() > 0
+
+
+def test_decoder_time_term_starts_at_zero_and_then_reads_the_time() -> None:
+    """At init the masked-motion loss equals the same model without the decoder's time term; with
+    the encoder's time term kept at zero, other times change the loss only through the decoder
+    (the hidden tokens' times reach it), and only once its term is non-zero."""
+    from mtscale.config import ObjectiveConfig
+    from mtscale.models.objectives import build_pretrain_model
+
+    torch.manual_seed(0)
+    m = build_pretrain_model(ModelConfig(size="tiny", time_index=True),
+                             ObjectiveConfig(decoder_dim=32, decoder_depth=1, decoder_heads=4, mask_ratio=0.75),
+                             clip_frames=T, num_bodies=M, num_joints=V).eval()
+    x, args = x_batch(), (None, torch.arange(N), 0, 0)
+    loss0, _ = m(x, *args, time_NT=times())
+    assert m(x, *args, time_NT=times(scale=3.0))[0] == loss0  # both time terms zero: times unused
+    proj, m.decoder_time_proj = m.decoder_time_proj, None
+    assert m(x, *args, time_NT=times())[0] == loss0  # the zero term is the old decoder exactly
+    m.decoder_time_proj = proj
+    with torch.no_grad():
+        proj.weight.normal_(0, 0.5)
+    assert m.encoder.time_proj.weight.abs().sum() == 0
+    assert (m(x, *args, time_NT=times(scale=3.0))[0] - m(x, *args, time_NT=times())[0]).abs() > 1e-6
