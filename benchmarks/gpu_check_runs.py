@@ -113,7 +113,8 @@ def check_loader(ctx: Ctx) -> str:
             f"the device keeps joint norms (rel. err {norm_err:.1e})")
 
 
-def _forward_recording(model: Any, x: Any, mask: Any, keys: Any, autocast: Any = None) -> dict[str, Any]:
+def _forward_recording(model: Any, x: Any, mask: Any, keys: Any, time: Any = None,
+                       autocast: Any = None) -> dict[str, Any]:
     """One no-grad ``PretrainModel.forward``, recording the clip dtype its targets were derived
     from, the targets (B, L, K) and the hidden-token mask (B, L) it used, and the loss."""
     import torch
@@ -135,7 +136,7 @@ def _forward_recording(model: Any, x: Any, mask: Any, keys: Any, autocast: Any =
     try:
         with torch.no_grad(), torch.autocast(x.device.type, dtype=autocast or torch.float32,
                                              enabled=autocast is not None):
-            loss, _ = model(x, mask, keys, step=0, seed=0)
+            loss, _ = model(x, mask, keys, step=0, seed=0, time_NT=time)
     finally:
         del model.targets, model._mask
     seen["loss"] = float(loss)
@@ -147,7 +148,10 @@ def check_pretrain_targets(ctx: Ctx) -> str:
     modes of the trainer -- bf16 parameters (DeepSpeed bf16, ZeRO 1-3) and fp32 parameters
     under bf16 autocast (ZeRO-0) -- fed the fp32 clip as ``mtscale.train.pretrain``'s step does, must
     derive the masked-motion targets and the motion-aware mask exactly as in fp32 (a bf16 clip
-    puts ~30 % error in the normalised motion target). Runs in bf16 on any device."""
+    puts ~30 % error in the normalised motion target). The model embeds each token's time
+    (``model.time_index``, encoder and decoder terms made non-zero), so the time features, built
+    in fp32 from the loader's frame times, are exercised in both modes too. Runs in bf16 on any
+    device."""
     import copy
 
     import torch
@@ -156,13 +160,16 @@ def check_pretrain_targets(ctx: Ctx) -> str:
     from mtscale.models.objectives import build_pretrain_model
 
     b = next(iter(_batches(ctx, augment=False)))
-    x, mask, keys = b["x"].float(), b["mask"], b["index"]
+    x, mask, keys, t = b["x"].float(), b["mask"], b["index"], b["time"]
     torch.manual_seed(0)
-    model = build_pretrain_model(ModelConfig(size="tiny"), ObjectiveConfig(kind="masked_motion"),
+    model = build_pretrain_model(ModelConfig(size="tiny", time_index=True), ObjectiveConfig(kind="masked_motion"),
                                  clip_frames=ctx.plan.clip_frames, num_bodies=2, num_joints=25).to(ctx.device).eval()
-    ref = _forward_recording(model, x, mask, keys)
-    modes = {"bf16_params": _forward_recording(copy.deepcopy(model).to(torch.bfloat16), x, mask, keys),
-             "bf16_autocast": _forward_recording(model, x, mask, keys, autocast=torch.bfloat16)}
+    with torch.no_grad():  # zero at init: give the time terms weight, as training would
+        model.encoder.time_proj.weight.normal_(0, 0.02)
+        model.decoder_time_proj.weight.normal_(0, 0.02)
+    ref = _forward_recording(model, x, mask, keys, t)
+    modes = {"bf16_params": _forward_recording(copy.deepcopy(model).to(torch.bfloat16), x, mask, keys, t),
+             "bf16_autocast": _forward_recording(model, x, mask, keys, t, autocast=torch.bfloat16)}
     bad, parts = [], []
     for name, r in modes.items():
         same_t = torch.equal(r["target"], ref["target"])
