@@ -20,7 +20,8 @@ import torch
 
 from mtscale.config import DataConfig, FinetuneConfig
 from mtscale.data.augment import BatchAugment
-from mtscale.data.loader import ClipDataset, Selection, StatefulLoader
+from mtscale.data.dataset import ClipDataset, Selection
+from mtscale.data.loader import StatefulLoader
 from mtscale.data.order import make_blocks
 from mtscale.data.subsets import grouped_fraction_subset, label_fraction_subset
 from mtscale.errors import ConfigError

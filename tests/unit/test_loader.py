@@ -239,7 +239,7 @@ def test_reads_whole_blocks_not_samples(mem_store, monkeypatch):
 
 
 def test_worker_reads_only_its_own_samples_with_identical_batches(mem_store):
-    from mtscale.data.loader import ClipDataset
+    from mtscale.data.dataset import ClipDataset
     from mtscale.data.order import worker_batches
 
     ds = ClipDataset(mem_store, _cfg(shuffle_buffer=120), batch_size=16, seed=3, train=True)
