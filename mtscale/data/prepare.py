@@ -9,7 +9,8 @@ the parent), and the parent joins them in unit order, part k while the workers i
 parts (``store_merge.Merger``: re-chunks and compresses the binary frames, ~1/20 of the text's
 bytes). Either way the store is byte-identical whatever the number of workers. (An earlier
 design streamed every parsed array back to one writing parent; on 2 cores the parent was the
-bottleneck, 0.83-1.33x one worker.)
+bottleneck, 0.83-1.33x one worker.) This module is the parent side; what a worker does with a
+unit or a part is in ``mtscale.data.ingest``.
 
 - Bad input: a record the reader (or preprocessing, or the checks here) refuses with
   ``BadInputError`` is recorded in the store's ``report.jsonl`` ({file, line, index, message,
@@ -48,12 +49,12 @@ from typing import Any
 import numpy as np
 
 import mtscale
-from mtscale.data.formats import LABEL_RULE, get_reader, label_problem
-from mtscale.data.manifest import checksum_bytes
-from mtscale.data.preprocess import PrepareOptions, describe, preprocess
-from mtscale.data.store import REPORT, Store, is_local, join, store_exists, url_to_fs
-from mtscale.data.store_writer import PROGRESS, StoreWriter, duplicate_record, refuse_existing, skipped_records
-from mtscale.errors import BadInputError, ConfigError, StoreError
+from mtscale.data.formats import get_reader
+from mtscale.data.ingest import ingest_units, init_part_worker, init_worker, process_unit, run_part
+from mtscale.data.preprocess import PrepareOptions, describe
+from mtscale.data.store import REPORT, Store, is_local, join, url_to_fs
+from mtscale.data.store_writer import PROGRESS, StoreWriter, refuse_existing, skipped_records
+from mtscale.errors import BadInputError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -61,153 +62,6 @@ __all__ = ["PrepareOptions", "prepare"]
 
 PARTS = ".parts"
 """Suffix of the folder holding the parallel path's part stores while a prepare runs."""
-
-
-# ---------------------------------------------------------------- worker side
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(reader_module: str, options: PrepareOptions, layout: str, coords: tuple[int | None, str]) -> None:
-    _WORKER.update(reader=importlib.import_module(reader_module), options=options, layout=layout, coords=coords)
-
-
-def _unit_bytes(reader: Any, unit: Any) -> int:
-    if hasattr(reader, "unit_bytes"):
-        return int(reader.unit_bytes(unit))
-    path = unit if isinstance(unit, (str, os.PathLike)) else None
-    try:
-        return os.path.getsize(path) if path is not None else 0
-    except OSError:
-        return 0
-
-
-def _failure(e: BadInputError, num_records: int = 1) -> dict[str, Any]:
-    return {"file": e.path, "line": e.line, "index": e.index, "message": str(e), "found": e.found,
-            "expected": e.expected, "num_records": num_records}
-
-
-def process_unit(unit: Any) -> tuple[list[tuple], list[dict], int]:
-    """Worker: read one unit, check, preprocess, cast to the store dtype, checksum.
-
-    Returns (samples [(sample_id, x_TMVC, label, fields, checksum)], failures [report
-    records], bytes of raw input). A bad record (yielded or raised as ``BadInputError``)
-    becomes a failure record; the unit's other records are kept. A unit that raises counts its
-    records not yet seen (``reader.unit_records``) in the failure.
-    """
-    reader, options, layout = _WORKER["reader"], _WORKER["options"], _WORKER["layout"]
-    num_coords, first = _WORKER["coords"]
-    dtype = np.dtype(options.dtype)
-    samples: list[tuple] = []
-    failures: list[dict] = []
-    seen = 0
-    try:
-        for raw in reader.read_unit(unit):
-            seen += 1
-            if isinstance(raw, BadInputError):
-                failures.append(_failure(raw))
-                continue
-            try:
-                where = raw.source or str(unit)
-                if raw.layout != layout:
-                    raise BadInputError(where, None, f"sample {raw.sample_id} has layout {raw.layout!r}",
-                                        f"{layout!r} like the rest of this store")
-                problem = label_problem(raw.label)
-                if problem is not None:
-                    raise BadInputError(where, None, f"sample {raw.sample_id} has {problem}", LABEL_RULE)
-                C = np.shape(raw.x_MTVC)[-1] if np.ndim(raw.x_MTVC) == 4 else num_coords  # else preprocess refuses it
-                if num_coords is not None and C != num_coords:
-                    raise BadInputError(where, None, f"{C} coordinates per joint",
-                                        f"{num_coords} like the first sample ({first})")
-                x = preprocess(raw, options)  # (T, M, V, C) float32
-                with np.errstate(over="ignore"):
-                    x = np.ascontiguousarray(x, dtype=dtype)
-                if not np.isfinite(x).all():
-                    raise BadInputError(raw.source or str(unit), None, f"sample {raw.sample_id} overflows {dtype}",
-                                        "coordinates within float16 range (use --dtype float32)")
-                fields = dict(raw.fields)
-                fields.setdefault("source_file", raw.source or None)
-                samples.append((raw.sample_id, x, int(raw.label), fields, checksum_bytes(x)))
-            except BadInputError as e:
-                if e.index is None:
-                    e.index = raw.index
-                failures.append(_failure(e))
-    except BadInputError as e:
-        total = int(reader.unit_records(unit)) if hasattr(reader, "unit_records") else 1
-        failures.append(_failure(e, max(1, total - seen)))
-    return samples, failures, _unit_bytes(reader, unit)
-
-
-def _ingest_units(writer: StoreWriter, units: list[Any], start: int, input_bytes: int, strict: bool,
-                  results: Iterable[tuple[list, list, int]], on_unit=None, log_skips: bool = True) -> int:
-    """Append the results of ``units[start:]`` (in order) to ``writer`` with a commit point after
-    each unit; returns the input bytes done. Duplicate ids and bad units go to the report (with
-    ``strict``: the first raises; logged unless ``log_skips`` is False: a part's are logged by
-    the parent)."""
-    for k, (samples, failures, nbytes) in enumerate(results, start=start):
-        for sid, x, label, fields, checksum in samples:
-            if sid in writer:
-                failures.append(duplicate_record(sid, fields.get("source_file") or str(units[k]), units[k]))
-                continue
-            writer.append(sid, x, label, fields, checksum=checksum)
-        for f in failures:
-            if strict:
-                raise BadInputError(f["file"], f["line"], f["found"], f["expected"], index=f.get("index"))
-            if log_skips:
-                log.warning("skipped: %s", f["message"])
-            writer.add_report(f)
-        input_bytes += nbytes
-        writer.mark({"units_done": k + 1, "input_bytes": input_bytes})
-        if on_unit is not None:
-            on_unit(nbytes)
-    return input_bytes
-
-
-def _init_part_worker(reader_module: str, options: PrepareOptions, layout: str, coords: tuple[int | None, str],
-                      units_done: Any, bytes_done: Any) -> None:
-    _init_worker(reader_module, options, layout, coords)
-    _WORKER.update(units_done=units_done, bytes_done=bytes_done)
-
-
-def _count(units: int, nbytes: int) -> None:
-    for name, n in (("units_done", units), ("bytes_done", nbytes)):
-        v = _WORKER.get(name)
-        if v is not None and n:
-            with v.get_lock():
-                v.value += n
-
-
-def run_part(job: dict[str, Any]) -> dict[str, Any]:
-    """Worker: ingest ``job["units"]`` into the part store ``job["url"]`` (resumable like a whole
-    prepare; a finished part is kept and only checked). Returns {url, num_samples, input_bytes,
-    units_resumed, bytes_run}, or {error: failure record} for a strict abort (the part's commit
-    point is kept)."""
-    url, units, key = job["url"], job["units"], job["key"]
-    if store_exists(url):
-        ingest = Store.open(url).attrs.get("ingest") or {}
-        if ingest.get("part_key") != key:
-            raise StoreError(f"{url}: a part of another prepare (different arguments), expected the same arguments "
-                             f"to resume; delete {url.rsplit('/', 1)[0]} to start over")
-        _count(len(units), 0)
-        return {"url": url, "num_samples": ingest["num_samples"], "input_bytes": ingest["input_bytes"],
-                "units_resumed": len(units), "bytes_run": 0}
-    options, layout = _WORKER["options"], _WORKER["layout"]
-    writer = StoreWriter(url, layout=layout, num_bodies=options.max_bodies, dtype=options.dtype, attrs=job["attrs"],
-                         chunk_frames=job["chunk_frames"], shard_chunks=job["shard_chunks"], resume_key=key,
-                         compress=False)
-    state = writer.resumed or {"units_done": 0, "input_bytes": 0}
-    start = int(state["units_done"])
-    _count(start, 0)
-    try:
-        input_bytes = _ingest_units(writer, units, start, int(state["input_bytes"]), job["strict"],
-                                    (process_unit(u) for u in units[start:]), on_unit=lambda n: _count(1, n),
-                                    log_skips=False)
-    except BadInputError as e:
-        return {"error": _failure(e)}
-    writer.attrs["ingest"] = {"part_key": key, "num_samples": writer.num_samples, "input_bytes": input_bytes}
-    writer.close()
-    return {"url": url, "num_samples": writer.num_samples, "input_bytes": input_bytes, "units_resumed": start,
-            "bytes_run": input_bytes - int(state["input_bytes"])}
 
 
 # ---------------------------------------------------------------- parent side
@@ -223,9 +77,10 @@ def part_ranges(num_units: int) -> list[tuple[int, int]]:
 
 
 def _preload(reader_module: str) -> list[str]:
-    """Modules the forkserver imports before forking workers: this one, the reader and what the
-    reader asks for (``PRELOAD``, e.g. a compiled kernel loaded at import)."""
-    return [__name__, reader_module, *getattr(importlib.import_module(reader_module), "PRELOAD", ())]
+    """Modules the forkserver imports before forking workers: the worker side (``ingest``, which
+    imports this one's dependencies), the reader and what the reader asks for (``PRELOAD``, e.g. a
+    compiled kernel loaded at import)."""
+    return ["mtscale.data.ingest", reader_module, *getattr(importlib.import_module(reader_module), "PRELOAD", ())]
 
 
 def _pool_context():
@@ -276,7 +131,7 @@ def _throttled(items: Iterable[Any], sem: threading.Semaphore, stop: threading.E
 def _results(units: list[Any], workers: int, init_args: tuple, sem: threading.Semaphore,
              stop: threading.Event) -> Iterator[tuple[list, list, int]]:
     if workers <= 1:
-        _init_worker(*init_args)
+        init_worker(*init_args)
         for u in units:
             yield process_unit(u)
         return
@@ -284,7 +139,7 @@ def _results(units: list[Any], workers: int, init_args: tuple, sem: threading.Se
     if ctx.get_start_method() == "forkserver":  # import once in the server, not in every worker
         ctx.set_forkserver_preload(_preload(init_args[0]))
     chunksize = max(1, min(8, len(units) // (workers * 16)))
-    with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+    with ctx.Pool(workers, initializer=init_worker, initargs=init_args) as pool:
         try:
             yield from pool.imap(process_unit, _throttled(units, sem, stop), chunksize=chunksize)
         finally:
@@ -353,7 +208,7 @@ def prepare(fmt: str, input_path: str, out: str, options: PrepareOptions | None 
 
     results = _results(units[start:], workers, (reader.__name__, options, layout, coords), sem, stop)
     try:
-        input_bytes = _ingest_units(writer, units, start, int(state["input_bytes"]), strict, results, on_unit)
+        input_bytes = ingest_units(writer, units, start, int(state["input_bytes"]), strict, results, on_unit)
     except BaseException:
         log.warning("prepare stopped; %s kept: re-run the same command to resume, or delete it", writer.work_url)
         raise
@@ -421,10 +276,10 @@ def _prepare_parts(out: str, units: list[Any], workers: int, init_args: tuple, k
         if workers > 1 and len(jobs) > 1:
             if ctx.get_start_method() == "forkserver":
                 ctx.set_forkserver_preload(_preload(init_args[0]))
-            pool = ctx.Pool(min(workers, len(jobs)), initializer=_init_part_worker, initargs=(*init_args, units_done, bytes_done))
+            pool = ctx.Pool(min(workers, len(jobs)), initializer=init_part_worker, initargs=(*init_args, units_done, bytes_done))
             pending = [pool.apply_async(run_part, (j,)) for j in jobs]
         else:
-            _init_part_worker(*init_args, units_done, bytes_done)
+            init_part_worker(*init_args, units_done, bytes_done)
         for i, job in enumerate(jobs):
             if pool is None:
                 res = run_part(job)
