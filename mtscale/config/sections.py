@@ -172,7 +172,9 @@ class ModelConfig:
     zero-initialised projection (SkateFormer encodes the original index of sampled frames). The
     learned temporal position says where a token sits in the T-frame clip, not how long the
     action took; this says that. Zero at init: an encoder without it loads and starts exactly
-    where it was (the projection's weights are the only new keys)."""
+    where it was (the projection's weights are the only new keys). In masked pre-training the
+    MAE decoder gets the same term (its own zero-initialised projection), so hidden tokens'
+    times reach the decoder too."""
 
     def __post_init__(self) -> None:
         if self.attention not in ("global", "spatial"):
