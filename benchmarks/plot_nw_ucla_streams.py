@@ -1,6 +1,7 @@
 """NW-UCLA: each input stream from scratch, pre-trained (2,000 steps on its own stream; 6,000
-steps on joint / bone, the motion streams fine-tuned from those encoders), and the ensembles of
-their softmax scores, as one grouped bar chart (benchmarks/README.md; issue 27).
+steps on joint / bone, the motion streams fine-tuned from those encoders; 6,000 steps on joint
+with the time index, every stream fine-tuned from that one encoder), and the ensembles of their
+softmax scores, as one grouped bar chart (benchmarks/README.md; issue 27).
 
 The run directories are not kept, so the measured values are recorded here with their date;
 rerun the commands in benchmarks/README.md to reproduce them, then re-draw:
@@ -35,6 +36,11 @@ PRETRAINED = {"joint": 84.9, "bone": 82.5, "joint_motion": 77.8, "bone_motion": 
 PRETRAINED_6K = {"joint": 87.7, "bone": 78.4, "joint_motion": 81.9, "bone_motion": 79.7,
                  "joint + bone\n(equal weights)": 87.7, "4 streams\n(auto weights)": 89.4,
                  "4 streams\n(equal weights)": 89.0}
+# 2026-12-07 (second session), same Xeon, fp32: one joint encoder pre-trained 6,000 steps with
+# model.time_index; every stream fine-tuned from it with data.sampling=random over whole clips;
+# auto weights 0 / 0.57 / 0.29 / 0.14
+TIME_INDEX_6K = {"joint": 88.8, "bone": 86.6, "joint_motion": 84.5, "bone_motion": 87.1,
+                 "4 streams\n(auto weights)": 90.3, "4 streams\n(equal weights)": 91.2}
 REFERENCE = {"ST-GCN reference (benchmarks/ref_gcn_nw_ucla.py)": 91.2, "issue 27 target (pre-trained, 4 streams)": 94.5}
 
 
@@ -53,13 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     series_all = (("from scratch", scratch, "tab:blue"),
                   ("pre-trained, 2,000 steps on each stream (bf16, Zen 4)", PRETRAINED, "tab:orange"),
                   ("pre-trained, 6,000 steps on joint / bone; motion streams from those encoders (fp32, Xeon)",
-                   PRETRAINED_6K, "tab:green"))
-    for off, (label, series, color) in zip((-0.27, 0.0, 0.27), series_all):
+                   PRETRAINED_6K, "tab:green"),
+                  ("pre-trained 6,000 steps on joint with the time index; every stream from that encoder, "
+                   "whole-clip frames (fp32, Xeon)", TIME_INDEX_6K, "tab:red"))
+    for off, (label, series, color) in zip((-0.3, -0.1, 0.1, 0.3), series_all):
         xs = [i + off for i, n in enumerate(names) if n in series]
         vs = [series[n] for n in names if n in series]
-        bars = ax.bar(xs, vs, width=0.27, color=color, label=label)
+        bars = ax.bar(xs, vs, width=0.2, color=color, label=label)
         for b, v in zip(bars, vs):
-            ax.text(b.get_x() + b.get_width() / 2, v + 0.3, f"{v:.1f}", ha="center", va="bottom", fontsize=6)
+            ax.text(b.get_x() + b.get_width() / 2, v + 0.3, f"{v:.1f}", ha="center", va="bottom", fontsize=5)
     for (label, y), style in zip(REFERENCE.items(), ("--", ":")):
         ax.axhline(y, color="grey", linestyle=style, linewidth=1)
         ax.text(len(names) - 0.5, y + 0.3, label, ha="right", va="bottom", fontsize=8, color="dimgrey")
