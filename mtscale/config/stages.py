@@ -83,6 +83,11 @@ class FinetuneConfig:
     encoder_blocks: int | None = None
     """Keep only the first N blocks of the pre-trained encoder (then its final norm): probe or
     fine-tune an intermediate layer's features. The classifier then has N blocks; None = all."""
+    probe_views: int = 1
+    """Linear probe only: clips cached per training sample. 1 = its centre crop (MAE's cached
+    probe); K > 1 adds K - 1 training views (random crop, ``data.sampling``, ``data.augment``;
+    seeded, so a resumed run caches the same ones), and each epoch every sample trains on one
+    of its K views, drawn per (seed, epoch). Feature memory and extraction time grow K-fold."""
     epochs: int = 100
     warmup_epochs: float = 5.0
     """Linear warmup length, then cosine decay to ``train.min_lr`` at the last epoch."""
@@ -142,6 +147,9 @@ class FinetuneConfig:
         if self.encoder_blocks is not None and (self.protocol == "scratch" or self.encoder_blocks < 1):
             raise ConfigError(f"encoder_blocks: found {self.encoder_blocks} with protocol {self.protocol}, expected "
                               "null, or >= 1 with a pre-trained encoder (from scratch, set model.depth)")
+        if self.probe_views < 1 or (self.probe_views > 1 and self.protocol != "linear"):
+            raise ConfigError(f"probe_views: found {self.probe_views} with protocol {self.protocol}, expected 1, "
+                              "or > 1 with protocol linear (the other protocols train on fresh views every epoch)")
         if self.epochs < 1:
             raise ConfigError(f"epochs: found {self.epochs}, expected >= 1")
         if not 0.0 <= self.warmup_epochs <= self.epochs:

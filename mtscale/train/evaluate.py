@@ -45,18 +45,22 @@ def gather_by_index(index_N: np.ndarray, values_NX: np.ndarray, expected_rows: n
 @torch.no_grad()
 def score_rows(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], store: Any, data: DataConfig,
                rows: np.ndarray, rt: Runtime, *, batch_size: int, clips: int = 1, seed: int = 0,
-               progress: bool = False, desc: str = "eval") -> np.ndarray:
+               augment: bool = False, progress: bool = False, desc: str = "eval") -> np.ndarray:
     """``forward(x_NTMVC, mask_NT) -> (N, X)`` over ``rows``, exactly once each, gathered on
     every rank in sorted row order: (len(rows), X) float32.
 
     ``clips > 1`` averages ``forward`` over the centre crop plus ``clips - 1`` random crops
     (seeded, training crop range, no augmentation). ``forward`` should return probabilities
-    (or features) when averaging clips."""
+    (or features) when averaging clips.
+
+    ``augment``: every clip, the first too, is a training view instead (random crop,
+    ``data.sampling`` and ``data.augment``, seeded by ``seed``, the rank and the position)."""
     rows = np.sort(np.asarray(rows, dtype=np.int64))
     total = None
     for k in range(clips):
         loader = rows_loader(store, data, rows, batch_size=batch_size, seed=seed + 7919 * k, rank=rt.world.rank,
-                             world_size=rt.world.world_size, train=k > 0, exact=True, device=rt.device)
+                             world_size=rt.world.world_size, train=augment or k > 0, exact=True, augment=augment,
+                             device=rt.device)
         idx, outs = [], []
         bar = tqdm(total=loader.num_samples, desc=desc if clips == 1 else f"{desc} clip {k + 1}/{clips}",
                    unit="sample", disable=not (progress and rt.world.is_main), leave=False)

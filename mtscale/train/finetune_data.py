@@ -108,12 +108,13 @@ def selection_for_rows(store: Any, rows: np.ndarray, block_frames: int | None = 
 
 def rows_loader(store: Any, data: DataConfig, rows: np.ndarray, *, batch_size: int, seed: int, rank: int,
                 world_size: int, train: bool, device: torch.device, exact: bool | None = None,
-                num_workers: int | None = None) -> StatefulLoader:
+                augment: bool | None = None, num_workers: int | None = None) -> StatefulLoader:
     """The streaming loader (``mtscale.data.loader``) over exactly ``rows``.
 
     ``train``: shuffled random crops + ``data.augment`` on ``device``, equal shares per rank.
     Otherwise centre crops, store order, exact partition (every row once across ranks).
-    ``exact`` with ``train`` gives random crops with an exact partition (multi-clip testing).
+    ``exact`` with ``train`` gives random crops with an exact partition (multi-clip testing),
+    without ``data.augment`` unless ``augment`` (a linear probe's training views).
     """
     if rows.size == 0:
         raise ConfigError("rows_loader: no rows to load")
@@ -123,7 +124,7 @@ def rows_loader(store: Any, data: DataConfig, rows: np.ndarray, *, batch_size: i
     ds = ClipDataset(store, probe, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
                      train=train, drop_last=train and not exact, exact=exact)
     ds.sel = selection_for_rows(ds.store, rows)
-    aug = BatchAugment(data.augment) if train and not exact else None
+    aug = BatchAugment(data.augment) if train and (not exact if augment is None else augment) else None
     workers = data.num_workers if num_workers is None else num_workers
     if ds.url.startswith("memory://"):
         workers = 0

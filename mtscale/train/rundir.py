@@ -49,7 +49,7 @@ order it restores, or how DeepSpeed partitioned them (``model.compile``, ``attn_
 ``checkpoint_activations`` may change: they do not change any tensor)."""
 
 FINETUNE_KEEP = ("protocol", "pretrained", "model", "data.clip_frames", "data.num_bodies", "data.stream",
-                 "data.split", "pool", "head_hidden", "train.seed", "train.batch_size", "epochs")
+                 "data.split", "pool", "head_hidden", "probe_views", "train.seed", "train.batch_size", "epochs")
 """Fine-tuning fields a resume must keep (the classifier's shape, its data, its schedule)."""
 
 RUNTIME_MODEL_FIELDS = ("compile", "attn_backend", "checkpoint_activations", "drop_path")

@@ -7,10 +7,11 @@
   mixup, gradient accumulation and clipping, DistributedDataParallel across ranks, autocast
   in bf16 / fp16 where configured (fp16 with a ``torch.amp.GradScaler``).
 - :class:`LinearProbe` (linear): the encoder is frozen, so its features are computed once
-  (centre crops, eval mode, exact across ranks) and a linear head trains on the standardised
-  cached features (MAE's BatchNorm-without-affine probe, as a fixed standardisation) -- each
-  epoch costs a few matrix products instead of an encoder pass. For export the standardisation
-  is folded into the head, so the saved classifier runs on raw features.
+  (centre crops, eval mode, exact across ranks; ``probe_views`` adds seeded augmented
+  training views) and a linear head trains on the standardised cached features (MAE's
+  BatchNorm-without-affine probe, as a fixed standardisation) -- each epoch costs a few
+  matrix products instead of an encoder pass. For export the standardisation is folded into
+  the head, so the saved classifier runs on raw features.
 
 Both expose ``micro_batch_size``, ``train_epoch(epoch) -> metrics``, ``validate() -> metrics``,
 ``prepare_export()``, ``state_dict()`` / ``load_state_dict()``.
@@ -278,11 +279,18 @@ class LinearProbe:
 
         bs = cfg.eval_batch_size or 2 * self.micro_batch_size
         labels = np.asarray(store.labels)
-        f_train = score_rows(features, store, cfg.data, splits.train, rt, batch_size=bs, progress=cfg.run.progress,
-                             desc="features train")
-        self.mean = torch.from_numpy(f_train.mean(0)).to(rt.device)
-        self.std = torch.from_numpy(f_train.std(0) + 1e-6).to(rt.device)
-        self.f_train = self._standardise(f_train)  # (N, D)
+        views = cfg.probe_views
+        f_train = [score_rows(features, store, cfg.data, splits.train, rt, batch_size=bs, progress=cfg.run.progress,
+                              desc="features train")]
+        for k in range(1, views):  # training views, seeded apart from multi-clip testing's crops
+            f_train.append(score_rows(features, store, cfg.data, splits.train, rt, batch_size=bs,
+                                      seed=cfg.train.seed * 1_000_003 + 104_729 * k, augment=True,
+                                      progress=cfg.run.progress, desc=f"features train view {k + 1}/{views}"))
+        f_all = np.concatenate(f_train)  # (K * N, D): the standardisation sees every view
+        self.mean = torch.from_numpy(f_all.mean(0)).to(rt.device)
+        self.std = torch.from_numpy(f_all.std(0) + 1e-6).to(rt.device)
+        self.f_train = self._standardise(f_all).view(views, *f_train[0].shape)  # (K, N, D)
+        del f_all
         self.y_train = torch.from_numpy(labels[splits.train]).to(rt.device)
         if splits.val.size:
             f_val = score_rows(features, store, cfg.data, splits.val, rt, batch_size=bs, progress=cfg.run.progress,
@@ -298,7 +306,8 @@ class LinearProbe:
         self.steps_per_epoch = -(-self.f_train.shape[0] // self.batch_size)
         self.lr_factor = _schedule(cfg, self.steps_per_epoch)
         self.step = 0
-        log.info("linear probe: cached %s train features (dim %d)", tuple(self.f_train.shape), self.f_train.shape[1])
+        log.info("linear probe: cached %d train view(s) x %d samples, dim %d (%.0f MB)", *self.f_train.shape,
+                 self.f_train.numel() * 4 / 1e6)
 
     def _standardise(self, f: np.ndarray) -> Tensor:
         return (torch.from_numpy(f).to(self.rt.device) - self.mean) / self.std
@@ -306,16 +315,17 @@ class LinearProbe:
     def train_epoch(self, epoch: int, stop: Any = None, partial: dict[str, Any] | None = None) -> dict[str, Any]:
         """One epoch on the cached features (milliseconds: a signal is honoured at the epoch's end)."""
         cfg = self.cfg
-        n = self.f_train.shape[0]
+        views, n = self.f_train.shape[:2]
         # Every rank holds all features and runs the same deterministic steps: no communication.
         g = torch.Generator().manual_seed(int(cfg.train.seed) * 1_000_003 + epoch)
         perm = torch.randperm(n, generator=g).to(self.rt.device)
+        view = torch.randint(views, (n,), generator=g).to(self.rt.device)  # one view per sample (all 0 if K = 1)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.rt.device)
         correct = torch.zeros((), dtype=torch.float64, device=self.rt.device)
         lr = 0.0
         for b in range(self.steps_per_epoch):
             idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
-            f, y = self.f_train[idx], self.y_train[idx]
+            f, y = self.f_train[view[idx], idx], self.y_train[idx]
             logits = self.head(f)
             loss = soft_cross_entropy(logits, smoothed_targets(y, self.head.out_features, cfg.label_smoothing))
             lr = _set_lr(self.opt, cfg.train.lr, self.lr_factor(self.step))

@@ -108,6 +108,81 @@ def test_linear_probe_freezes_encoder_and_folds_head(store, encoder_file, tmp_pa
     assert ev["num_samples"] == res["test"]
 
 
+def test_score_rows_training_views_are_augmented_and_seeded(store):
+    """``augment=True``: every clip is a training view with ``data.augment`` applied, the same
+    for the same seed. With whole clips, no resampling and rotation + scale only, a view of a
+    sample is its centre clip through one linear map (distances change, their ratios do not)."""
+    import dataclasses
+
+    from mtscale.config import AugmentConfig, DataConfig
+    from mtscale.data.store import Store
+    from mtscale.train.evaluate import score_rows
+    from mtscale.train.runtime import setup_runtime
+
+    s = Store.open(store)
+    rows = s.select(split="xsub60", part="test")[:12]
+    data = DataConfig(store=store, clip_frames=16, num_bodies=2, crop_min=1.0, crop_max=1.0, eval_crop=1.0,
+                      augment=AugmentConfig(rotate_deg=30.0, rotate_axes="xyz", scale=0.2))
+    rt = setup_runtime("cpu", "fp32")
+
+    def flat(x, mask, time=None):
+        return x.flatten(1)
+
+    centre = score_rows(flat, s, data, rows, rt, batch_size=5)
+    v1 = score_rows(flat, s, data, rows, rt, batch_size=5, seed=11, augment=True)
+    assert np.array_equal(v1, score_rows(flat, s, data, rows, rt, batch_size=5, seed=11, augment=True))
+    v2 = score_rows(flat, s, data, rows, rt, batch_size=5, seed=12, augment=True)
+    assert np.abs(v1 - centre).max() > 1e-2 and np.abs(v1 - v2).max() > 1e-2
+    off = dataclasses.replace(data, augment=AugmentConfig(rotate_deg=0.0, scale=0.0))
+    np.testing.assert_allclose(score_rows(flat, s, off, rows, rt, batch_size=5, seed=11, augment=True), centre,
+                               atol=1e-6)  # with nothing to augment, a whole-clip view is the centre clip
+
+    def dist(f):  # distance of joint 0 to joint 1 and to joint 5 of body 0, every frame
+        x = torch.from_numpy(f).view(len(rows), 16, 2, 25, 3)[:, :, 0]
+        return (x[:, :, 0] - x[:, :, 1]).norm(dim=-1), (x[:, :, 0] - x[:, :, 5]).norm(dim=-1)
+
+    (a0, b0), (a1, b1) = dist(centre), dist(v1)
+    keep = (b0 > 1e-3) & (b1 > 1e-3)
+    assert not torch.allclose(a0, a1, atol=1e-3)  # scaled
+    # a rotation times a scalar: the ratio of two distances in a frame is unchanged
+    assert torch.allclose((a0 / b0)[keep], (a1 / b1)[keep], atol=1e-4)
+
+
+def test_linear_probe_views_resume_exactly(store, encoder_file, tmp_path, caplog):
+    """``probe_views=3``: three cached views per training sample (the log says so); the head
+    trains on other features than the centre-crop probe's; a run stopped after epoch 1 and
+    resumed recaches the same views and ends where the uninterrupted run does."""
+    import logging
+
+    base = ("protocol=linear", f"pretrained={encoder_file}", "epochs=3", "train.lr=0.01", "probe_views=3")
+    with caplog.at_level(logging.INFO, logger="mtscale.train.trainers"):
+        full = run_finetune(_cfg(store, tmp_path / "full", *base))
+    assert any("cached 3 train view(s) x " in r.message for r in caplog.records)
+    run_finetune(_cfg(store, tmp_path / "one", *base[:-1]))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_1(e, m, d):
+        if e == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_finetune(_cfg(store, tmp_path / "part", *base), on_epoch=stop_after_1)
+    resumed = run_finetune(_cfg(store, tmp_path / "part", *base))
+    a, b, c = ([json.loads(s) for s in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+               for r in ("full", "part", "one"))
+    assert [m["epoch"] for m in b] == [0, 1, 2]
+    for ma, mb in zip(a, b):
+        assert mb["train_loss"] == pytest.approx(ma["train_loss"], rel=1e-6)
+    assert resumed["test_top1"] == pytest.approx(full["test_top1"], abs=1e-6)
+    assert abs(a[0]["train_loss"] - c[0]["train_loss"]) > 1e-4  # the views were trained on
+    with pytest.raises(ConfigError, match="probe_views: found 2, but the run in .* was started with 3"):
+        run_finetune(_cfg(store, tmp_path / "part", *base[:-1], "probe_views=2"))
+    with pytest.raises(ConfigError, match="probe_views: found 2 with protocol finetune, expected 1"):
+        _cfg(store, tmp_path / "ft", f"pretrained={encoder_file}", "probe_views=2")
+
+
 def test_encoder_blocks_probes_an_intermediate_block(store, encoder_file, tmp_path):
     """encoder_blocks=1 of the 2-block tiny encoder: the classifier is a depth-1 model whose
     features are block 0's output through the pre-trained final norm."""
