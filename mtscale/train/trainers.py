@@ -302,8 +302,8 @@ class LinearProbe:
         nn.init.zeros_(self.head.bias)
         self.opt = torch.optim.AdamW(self.head.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                      eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
-        self.batch_size = min(cfg.train.batch_size, self.f_train.shape[0])
-        self.steps_per_epoch = -(-self.f_train.shape[0] // self.batch_size)
+        self.batch_size = min(cfg.train.batch_size, self.f_train.shape[1])
+        self.steps_per_epoch = -(-self.f_train.shape[1] // self.batch_size)
         self.lr_factor = _schedule(cfg, self.steps_per_epoch)
         self.step = 0
         log.info("linear probe: cached %d train view(s) x %d samples, dim %d (%.0f MB)", *self.f_train.shape,

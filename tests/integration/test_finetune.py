@@ -177,6 +177,9 @@ def test_linear_probe_views_resume_exactly(store, encoder_file, tmp_path, caplog
         assert mb["train_loss"] == pytest.approx(ma["train_loss"], rel=1e-6)
     assert resumed["test_top1"] == pytest.approx(full["test_top1"], abs=1e-6)
     assert abs(a[0]["train_loss"] - c[0]["train_loss"]) > 1e-4  # the views were trained on
+    # an epoch is one pass over the samples (one view each), as with the centre crop alone
+    assert [m["step"] for m in a] == [m["step"] for m in c] and a[0]["step"] == -(-full["train"] // 16)
+    assert a[-1]["train_loss"] < a[0]["train_loss"]
     with pytest.raises(ConfigError, match="probe_views: found 2, but the run in .* was started with 3"):
         run_finetune(_cfg(store, tmp_path / "part", *base[:-1], "probe_views=2"))
     with pytest.raises(ConfigError, match="probe_views: found 2 with protocol finetune, expected 1"):
