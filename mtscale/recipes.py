@@ -6,7 +6,9 @@
   settings (patch tokens, masked reconstruction of 75 % of the patches, see ``DEMO_OBJECTIVE``)
   are fixed in the code, the same every run (how they were chosen: benchmarks/README.md).
 * **Real data** (``--data``): the NW-UCLA recipe (``configs/*/nw_ucla.yaml``: patch tokens, MAMP's
-  per-joint head, view-normalised store, rotation + scale augmentation), its schedule sized from
+  per-joint head, view-normalised store, rotation + scale augmentation; plus each token's time in
+  the recording, ``model.time_index``, and whole-clip sampling in the supervised stages, the
+  settings of the best pre-trained recipe measured, benchmarks/README.md), its schedule sized from
   the number of training clips and ``--minutes``: a few training steps of the very model are
   timed on this machine first, and the budget is split between pre-training (2 processes), then
   scratch and fine-tuning side by side (one core each), then the linear probe.
@@ -101,6 +103,8 @@ def data_recipe(store: str, split: str, minutes: float, procs: int) -> Recipe:
     bodies = max(1, min(2, max(st.manifest.column("num_bodies").to_pylist(), default=2)))
     group = val_group(cols, split)
     geometry = ["data.clip_frames=32", f"data.num_bodies={bodies}"]
+    timed = ["model.time_index=true"]  # each token's time in the recording, both stages (benchmarks/README.md)
+    whole = ["data.sampling=random", "data.crop_min=1.0", "data.crop_max=1.0"]  # supervised: whole clips
     pre_cfg, ft_cfg = CONFIGS / "pretrain" / "nw_ucla.yaml", CONFIGS / "finetune" / "nw_ucla.yaml"
     ft_rate, pre_rate = calibrate(pre_cfg, ft_cfg, num_joints=info["num_joints"], num_bodies=bodies)
     budget = minutes * 60.0
@@ -112,19 +116,20 @@ def data_recipe(store: str, split: str, minutes: float, procs: int) -> Recipe:
     why = [f"{n_train} training clips, {info['num_classes']} classes, {bodies} bod{'y' if bodies == 1 else 'ies'} "
            f"per clip, split {split!r}; validation: " + (f"whole {'/'.join(group)} groups" if group else "stratified"),
            "model and augmentation of configs/finetune/nw_ucla.yaml (patch tokens, per-joint head, rotation "
-           "30 deg, scale 0.2); store view-normalised",
+           "30 deg, scale 0.2); store view-normalised; each token's time in the recording embedded "
+           "(model.time_index), supervised clips drawn over the whole recording (data.sampling=random)",
            f"measured here: fine-tuning {ft_rate:.0f} clips/s on one core, pre-training {pre_rate:.0f} clips/s "
            f"per process",
            f"--minutes {minutes:g}: pre-training {pre_steps} steps of {pre_batch} ({SHARE_PRETRAIN:.0%} of the "
            f"budget, {procs} processes), then scratch and fine-tuning side by side for {epochs} epochs each "
            f"({SHARE_SUPERVISED:.0%}; bounds {EPOCHS_MIN}-{EPOCHS_MAX}), then a {lin_epochs}-epoch linear probe"]
     ft_batch = min(32, 2 ** int(math.log2(max(2, int(n_train * 0.8)))))  # the NW-UCLA batch, or what the data allows
-    common = [*geometry, f"epochs={epochs}", f"train.batch_size={ft_batch}",
+    common = [*geometry, *timed, *whole, f"epochs={epochs}", f"train.batch_size={ft_batch}",
               f"warmup_epochs={max(1, epochs // 12)}", "run.progress=false",
               f"val_group={'[' + ','.join(group) + ']' if group else 'null'}"]
     return Recipe(
         name=f"real data, {minutes:g}-minute budget", why=why, pretrain_config=pre_cfg, finetune_config=ft_cfg,
-        pretrain_sets=[*geometry, f"train.max_steps={pre_steps}", f"train.batch_size={pre_batch}",
+        pretrain_sets=[*geometry, *timed, f"train.max_steps={pre_steps}", f"train.batch_size={pre_batch}",
                        f"train.warmup_steps={max(10, pre_steps // 40)}", f"train.ckpt_every={max(50, pre_steps // 5)}",
                        "train.log_every=10"],
         common_sets=common, scratch_sets=["layer_decay=1.0"], finetune_sets=[],

@@ -118,6 +118,11 @@ def test_quickstart_on_real_recordings_sizes_its_recipe(tmp_path: Path, ucla_dir
 
     cfg = yaml.safe_load((work / "finetune" / "config.yaml").read_text())
     assert cfg["val_group"] == ["action", "subject", "environment"] and cfg["data"]["num_bodies"] == 1
+    # the recipe's time index (both stages) and whole-clip sampling (the supervised stages)
+    assert cfg["data"]["sampling"] == "random" and cfg["data"]["crop_min"] == cfg["data"]["crop_max"] == 1.0
+    assert yaml.safe_load((work / "scratch" / "config.yaml").read_text())["model"]["time_index"] is True
+    enc = json.loads((work / "pretrain" / "encoder.json").read_text())
+    assert enc["model"]["time_index"] is True, enc["model"]
     recipe = (work / ".done" / "recipe.json").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "$ " not in again.stdout  # nothing re-run, no new measurement
