@@ -36,6 +36,8 @@ PRETRAINED = [
     ("... fine-tuned on frames drawn over the whole clip", [88.4]),
     ("... + time index added at fine-tuning", [86.2]),
     ("... all 1,020 training clips (no hold-out)", [87.7]),
+    ("6,000 steps, 8 blocks x 128 (not 4), whole-clip frames", [85.6, 87.3]),
+    ("6,000 steps, 4 blocks x 192 (not 128), whole-clip frames", [88.8, 88.8]),
     ("6,000 steps with the time index, fine-tuned on whole-clip frames", [88.8, 88.6, 87.7]),
     ("... fine-tuned on the default crop + resample", [86.2]),
     ("... whole-clip frames + temporal conv 3 + joint mixing (adjacency)", [88.6, 88.8]),
