@@ -175,6 +175,15 @@ class ModelConfig:
     where it was (the projection's weights are the only new keys). In masked pre-training the
     MAE decoder gets the same term (its own zero-initialised projection), so hidden tokens'
     times reach the decoder too."""
+    graph_stem: int = 0
+    """Blocks of an ST-GCN-style stem (patch tokens; 0 = off): graph convolution over the
+    layout's skeleton (learned adjacency) + width-9 temporal convolution on every frame, pooled
+    per temporal patch and joint, added to the token embeddings through a zero-initialised
+    projection (an encoder pre-trained without it loads and starts exactly where it was). It sees
+    every frame, hidden tokens' too, so masked pre-training refuses it: a fine-tuning / from-scratch
+    option (models/layers.py ``GraphStem``)."""
+    graph_stem_width: int = 64
+    """Channels of the graph stem's blocks."""
 
     def __post_init__(self) -> None:
         if self.attention not in ("global", "spatial"):
@@ -183,6 +192,9 @@ class ModelConfig:
             raise ConfigError(f"model.temporal_conv: found {self.temporal_conv}, expected 0 (off) or an odd width")
         if self.joint_mix not in ("none", "identity", "adjacency"):
             raise ConfigError(f"model.joint_mix: found {self.joint_mix!r}, expected none|identity|adjacency")
+        if self.graph_stem < 0 or self.graph_stem_width < 1:
+            raise ConfigError(f"model.graph_stem / graph_stem_width: found {self.graph_stem} / "
+                              f"{self.graph_stem_width}, expected >= 0 blocks and a width >= 1")
         if not 0.0 <= self.attn_drop < 1.0:
             raise ConfigError(f"model.attn_drop: found {self.attn_drop}, expected in [0, 1)")
         if self.tokenization not in ("frame", "patch"):

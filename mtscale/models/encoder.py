@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from mtscale.config import ModelConfig
 from mtscale.errors import ConfigError
-from mtscale.models.layers import Transformer, init_weights, key_padding_to_attn_mask, normalized_adjacency
+from mtscale.models.layers import GraphStem, Transformer, init_weights, key_padding_to_attn_mask, normalized_adjacency
 
 TIME_FREQS = 16
 """Sinusoid frequencies of ``model.time_index`` (periods 2 .. 512 frames, geometric)."""
@@ -79,7 +79,8 @@ class MotionTransformer(nn.Module):
                  drop_path: float = 0.0, qkv_bias: bool = True, attn_backend: str = "auto",
                  checkpoint_activations: bool = False, rel_bias: bool = False, temporal_conv: int = 0,
                  joint_mix: str = "none", attn_drop: float = 0.0, attention: str = "global",
-                 time_index: bool = False, parents: tuple[int, ...] | None = None):
+                 time_index: bool = False, graph_stem: int = 0, graph_stem_width: int = 64,
+                 parents: tuple[int, ...] | None = None):
         super().__init__()
         if tokenization not in ("frame", "patch"):
             raise ConfigError(f"model.tokenization: found {tokenization!r}, expected 'frame' or 'patch'")
@@ -109,6 +110,19 @@ class MotionTransformer(nn.Module):
             mix_init = normalized_adjacency(tuple(parents))
         elif joint_mix != "none":  # identity, or adjacency rebuilt for loading (weights overwrite it)
             mix_init = torch.eye(num_joints)
+        if graph_stem < 0 or (graph_stem and graph_stem_width < 1):
+            raise ConfigError(f"model.graph_stem / graph_stem_width: found {graph_stem} / {graph_stem_width}, "
+                              "expected graph_stem >= 0 blocks and graph_stem_width >= 1")
+        if graph_stem and tokenization != "patch":
+            raise ConfigError(f"model.graph_stem: found {graph_stem} with tokenization 'frame', expected patch tokens")
+        if graph_stem and parents is not None and len(parents) != num_joints:
+            raise ConfigError(f"model.graph_stem: the layout has {len(parents)} joints, expected {num_joints}")
+        # ST-GCN stem on the full-rate clip, added to the token embeddings (zero at init); without
+        # the layout's tree (a model about to load its weights) its adjacency starts as the identity
+        self.graph_stem, self.graph_stem_width = graph_stem, graph_stem_width
+        self.stem = GraphStem(in_chans, graph_stem_width, graph_stem, dim, num_joints, patch_frames,
+                              normalized_adjacency(tuple(parents)) if parents is not None else None
+                              ) if graph_stem else None
         if attention not in ("global", "spatial"):
             raise ConfigError(f"model.attention: found {attention!r}, expected global|spatial")
         if attention != "global" and tokenization != "patch":
@@ -137,6 +151,9 @@ class MotionTransformer(nn.Module):
             if m.time_proj is not None:
                 nn.init.zeros_(m.time_proj.weight)
                 nn.init.zeros_(m.time_proj.bias)
+            if m.stem is not None:  # apply() re-drew its projection as a linear: back to zero
+                nn.init.zeros_(m.stem.proj.weight)
+                nn.init.zeros_(m.stem.proj.bias)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, *, clip_frames: int, num_bodies: int, num_joints: int,
@@ -150,7 +167,8 @@ class MotionTransformer(nn.Module):
                    drop_path=cfg.drop_path, qkv_bias=getattr(cfg, "qkv_bias", True),
                    attn_backend=cfg.attn_backend, checkpoint_activations=cfg.checkpoint_activations,
                    rel_bias=cfg.rel_bias, temporal_conv=cfg.temporal_conv, joint_mix=cfg.joint_mix,
-                   attn_drop=cfg.attn_drop, attention=cfg.attention, time_index=cfg.time_index, parents=parents)
+                   attn_drop=cfg.attn_drop, attention=cfg.attention, time_index=cfg.time_index,
+                   graph_stem=cfg.graph_stem, graph_stem_width=cfg.graph_stem_width, parents=parents)
 
     # ------------------------------------------------------------------ tokens
     @property
@@ -259,7 +277,17 @@ class MotionTransformer(nn.Module):
     # ------------------------------------------------------------------ public
     def forward(self, x_NTMVC: Tensor, mask_NT: Tensor | None = None, time_NT: Tensor | None = None) -> Tensor:
         """Token features (B, L, D). ``time_NT``: each frame's time in the recording (``time_index``)."""
-        return self.encode(self.embed_tokens(self.tokenize(x_NTMVC), time_NT), self.token_valid(mask_NT))
+        h_BLD = self.embed_tokens(self.tokenize(x_NTMVC), time_NT)
+        if self.stem is not None:
+            h_BLD = h_BLD + self.stem_tokens(x_NTMVC, mask_NT).to(h_BLD.dtype)
+        return self.encode(h_BLD, self.token_valid(mask_NT))
+
+    def stem_tokens(self, x_NTMVC: Tensor, mask_NT: Tensor | None = None) -> Tensor:
+        """``graph_stem``: the stem's term of each patch token, (B, L, D), bodies folded as tokens are."""
+        N, T, M, V, C = x_NTMVC.shape
+        x_BTVC = x_NTMVC.permute(0, 2, 1, 3, 4).reshape(N * M, T, V, C)
+        valid_BT = None if mask_NT is None else mask_NT.bool()[:, None].expand(N, M, T).reshape(N * M, T)
+        return self.stem(x_BTVC.to(self.stem.proj.weight.dtype), valid_BT)
 
     def features(self, x_NTMVC: Tensor, mask_NT: Tensor | None = None, time_NT: Tensor | None = None, *,
                  per_joint: bool = False) -> Tensor:
@@ -333,24 +361,27 @@ _BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
 def layer_id_for(name: str, depth: int) -> int:
     """Layer id for layer-wise lr decay (BEiT/MAE): embeddings (token, position, time) and the
-    relative attention bias (shared by all blocks) 0, block i -> i + 1, rest depth + 1.
+    relative attention bias (shared by all blocks) 0, block i -> i + 1, rest depth + 1 -- the
+    graph stem (``stem.*``) included: it is a new branch learning from its init, like the head.
 
     lr scale for a parameter = decay ** (depth + 1 - layer_id_for(name, depth)).
     Works with or without an ``encoder.`` prefix.
     """
+    leaf = name.removeprefix("encoder.")
+    if leaf.startswith("stem."):  # its own blocks are not the transformer's
+        return depth + 1
     m = _BLOCK_RE.search(name)
     if m:
         return int(m.group(1)) + 1
-    leaf = name.removeprefix("encoder.")
     if leaf.startswith(("embed.", "pos_t", "pos_v", "time_proj.", "bias_v", "bias_t", "mask_token")):
         return 0
     return depth + 1
 
 
-NO_DECAY_SUFFIXES = ("bias", "_token", "pos_t", "pos_v", "bias_v", "bias_t", "attn.mix")
+NO_DECAY_SUFFIXES = ("bias", "_token", "pos_t", "pos_v", "bias_v", "bias_t", "attn.mix", ".adjacency")
 """Parameter-name endings kept out of weight decay: biases, learned tokens, position embeddings,
-the relative attention biases (``bias_v`` / ``bias_t``) and the joint-mixing matrices (decay
-would pull an adjacency initialisation to zero); every vector (LayerNorm, gates) too."""
+the relative attention biases (``bias_v`` / ``bias_t``), the joint-mixing matrices and the graph
+stem's adjacencies (decay would pull an adjacency initialisation to zero); every vector (LayerNorm, gates) too."""
 
 
 def full_shape(p: nn.Parameter) -> tuple[int, ...]:

@@ -20,6 +20,10 @@ without it loads and starts where it was):
   adjacency; gated per head (``attn.mix_gate``).
 * ``attn_drop``: dropout on the attention weights (training only).
 
+A graph-convolution stem (``GraphStem``, ``model.graph_stem``) is the one skeleton-aware option
+outside the blocks: ST-GCN-style blocks on the full-frame-rate clip, pooled to the patch grid and
+added to the token embeddings through a zero-initialised projection (see its docstring).
+
 In masked pre-training only the visible tokens exist: both branches then see the grid with the
 hidden tokens set to zero (:func:`to_grid`), i.e. they mix visible neighbours only, and their
 outputs are read back at the visible positions. This is the same rule that masked convolutions
@@ -223,6 +227,69 @@ class TemporalConv(nn.Module):
         B, Lt, Lv, D = g_BTVD.shape
         y = self.conv(g_BTVD.permute(0, 2, 3, 1).reshape(B * Lv, D, Lt))  # (B Lv, D, Lt)
         return y.reshape(B, Lv, D, Lt).permute(0, 3, 1, 2)
+
+
+class GraphStem(nn.Module):
+    """ST-GCN-style stem: ``depth`` blocks of (graph convolution over the skeleton with a learned
+    (V, V) adjacency, initialised to the layout's normalised adjacency + BatchNorm + ReLU, then a
+    width-9 temporal convolution + BatchNorm, residual, ReLU) on every frame of the clip, each
+    body separately; then each temporal patch's frames are averaged per joint (valid frames only)
+    and projected to the token width by ``proj``, which starts at zero.
+
+    (B, T, V, C) frames -> (B, Lt * V, D) in patch-token order (``l = tp * V + v``), so it adds
+    to the patch tokens' embeddings: zero at init (an encoder built without it loads and starts
+    exactly where it was), and the gradient reaches the stem through ``proj`` from the first step.
+
+    It sees every frame of the clip, so in masked pre-training it would carry hidden tokens'
+    frames into visible tokens: it is a fine-tuning (and from-scratch) option, and the
+    pre-training model refuses it. BatchNorm keeps running statistics (``eval()`` uses them)."""
+
+    def __init__(self, in_chans: int, width: int, depth: int, dim: int, num_joints: int, patch_frames: int,
+                 adjacency: Tensor | None = None, kernel: int = 9):
+        super().__init__()
+        a = torch.eye(num_joints) if adjacency is None else adjacency.float()
+        self.patch_frames = patch_frames
+        self.data_bn = nn.BatchNorm1d(num_joints * in_chans)
+        self.blocks = nn.ModuleList(
+            GraphBlock(in_chans if i == 0 else width, width, a, kernel) for i in range(depth)
+        )
+        self.proj = nn.Linear(width, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x_BTVC: Tensor, valid_BT: Tensor | None = None) -> Tensor:
+        B, T, V, C = x_BTVC.shape
+        p = self.patch_frames
+        h = self.data_bn(x_BTVC.permute(0, 2, 3, 1).reshape(B, V * C, T))  # (B, V C, T)
+        h = h.reshape(B, V, C, T).permute(0, 2, 3, 1)  # (B, C, T, V)
+        for blk in self.blocks:
+            h = blk(h)
+        W = h.shape[1]
+        h = h.permute(0, 2, 3, 1).reshape(B, T // p, p, V, W)  # (B, Lt, p, V, W)
+        if valid_BT is None:
+            pooled = h.mean(2)
+        else:
+            w = valid_BT.reshape(B, T // p, p, 1, 1).to(h.dtype)
+            pooled = (h * w).sum(2) / w.sum(2).clamp_min(1.0)
+        return self.proj(pooled.reshape(B, (T // p) * V, W))
+
+
+class GraphBlock(nn.Module):
+    """One ST-GCN block of :class:`GraphStem`: (B, C, T, V) -> (B, W, T, V)."""
+
+    def __init__(self, c_in: int, c_out: int, adjacency: Tensor, kernel: int = 9):
+        super().__init__()
+        self.gcn = nn.Conv2d(c_in, c_out, 1)
+        self.adjacency = nn.Parameter(adjacency.detach().clone())
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.tcn = nn.Conv2d(c_out, c_out, (kernel, 1), padding=(kernel // 2, 0))
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.res = nn.Identity() if c_in == c_out else nn.Sequential(nn.Conv2d(c_in, c_out, 1), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.einsum("nctv,vw->nctw", self.gcn(x), self.adjacency.to(x.dtype))
+        h = F.relu(self.bn1(h))
+        return F.relu(self.bn2(self.tcn(h)) + self.res(x))
 
 
 class Block(nn.Module):

@@ -69,6 +69,10 @@ class PretrainModel(nn.Module):
     def __init__(self, encoder: MotionTransformer, cfg: ObjectiveConfig, *, attn_backend: str = "auto",
                  checkpoint_activations: bool = False):
         super().__init__()
+        if encoder.stem is not None:
+            raise ConfigError(f"model.graph_stem: found {encoder.graph_stem} in pre-training, expected 0: the stem "
+                              "sees every frame, so it would carry hidden tokens into visible ones; add it at "
+                              "fine-tuning (--set model.graph_stem=N over the pre-trained encoder)")
         self.encoder, self.cfg, self.kind = encoder, cfg, cfg.kind
         D, K = encoder.dim, encoder.token_dim
         self.n_mask = num_masked(cfg.mask_ratio, encoder.num_tokens)

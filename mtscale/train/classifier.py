@@ -42,7 +42,9 @@ RUNTIME_FIELDS = ("drop_path", "attn_backend", "checkpoint_activations", "compil
 # fine-tuning config may turn them on over a pre-trained encoder built without them; the branches'
 # parameters are then the only keys the file lacks, and the encoder starts exactly where
 # pre-training left it.
-ADDABLE_FIELDS = {"temporal_conv": 0, "joint_mix": "none", "time_index": False}
+ADDABLE_FIELDS = {"temporal_conv": 0, "joint_mix": "none", "time_index": False, "graph_stem": 0}
+# ... and the fields that shape such a branch: taken from the fine-tuning config with it
+ADDABLE_SHAPE = {"graph_stem": ("graph_stem_width",)}
 
 
 # --------------------------------------------------------------------------- encoder
@@ -140,6 +142,8 @@ def build_encoder(cfg: FinetuneConfig, *, num_joints: int, in_chans: int | None 
                 raise ConfigError(f"model.{k}: found {want!r}, but the pre-trained encoder {cfg.pretrained} was "
                                   f"built with {k}={have!r}; expected the same (or {off!r} to keep the file's)")
             model_dict[k] = want
+            for extra in ADDABLE_SHAPE.get(k, ()):
+                model_dict[extra] = getattr(cfg.model, extra)
             added.append(f"{k}={want!r}")
     model_cfg = from_dict(ModelConfig, model_dict, "model")
     enc = MotionTransformer.from_config(model_cfg, clip_frames=cfg.data.clip_frames, num_bodies=cfg.data.num_bodies,
@@ -187,7 +191,7 @@ def load_encoder_state(enc: MotionTransformer, state: dict[str, torch.Tensor], w
     expected = enc.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    new = [k for k in missing if ".tconv." in k or k.startswith("time_proj.")
+    new = [k for k in missing if ".tconv." in k or k.startswith(("time_proj.", "stem."))
            or k.endswith(("tconv_gate", "attn.mix", "attn.mix_gate"))]
     if unexpected or (set(missing) - set(new)) or (missing and not added):
         raise BadInputError(where, None, f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}",
