@@ -407,6 +407,28 @@ def test_new_branches_over_an_old_encoder_start_where_it_was(store, encoder_file
         run_finetune(_cfg(store, tmp_path / "r_tc5", f"pretrained={f3}", "model.temporal_conv=5"))
 
 
+def test_graph_stem_over_an_old_encoder_trains_and_evaluate_reloads_it(store, encoder_file, tmp_path, caplog):
+    """Issue 26: ``model.graph_stem`` (with its width) over an encoder pre-trained without it: its
+    keys are the only new ones (logged), its projection leaves zero (the stem is trained), the
+    classifier records it, and evaluate rebuilds it (two bodies folded, NTU-25's tree) and
+    reproduces the reported test accuracy."""
+    from mtscale.train.evaluate import evaluate_checkpoint
+
+    caplog.set_level("INFO", logger="mtscale")
+    run = tmp_path / "stem"
+    res = run_finetune(_cfg(store, run, f"pretrained={encoder_file}", "model.graph_stem=2",
+                            "model.graph_stem_width=8"))
+    assert any("added graph_stem=2 over the pre-trained encoder" in r.message and "stem.proj.weight" in r.message
+               for r in caplog.records)
+    clf, meta = load_classifier(run / "final")
+    assert meta["model"]["graph_stem"] == 2 and meta["model"]["graph_stem_width"] == 8
+    assert clf.encoder.stem.blocks[0].gcn.out_channels == 8
+    assert clf.encoder.stem.proj.weight.abs().max() > 0  # left its zero init
+    assert clf.encoder.stem.blocks[0].bn1.num_batches_tracked > 0  # BatchNorm statistics kept
+    ev = evaluate_checkpoint(str(run / "final"), store, split="xsub60", part="test", progress=False)
+    assert ev["top1"] == pytest.approx(res["test_top1"], abs=1e-6)
+
+
 def test_unfinished_pretraining_and_unsafe_run_dirs_are_refused(store, tmp_path):
     """Issue 29, items 3 and 9: a preempted pre-training run (no exported encoder) is refused as
     --pretrained unless pretrained_partial; an empty run.dir or a foreign folder is refused."""

@@ -1,4 +1,5 @@
-"""Skeleton-aware block options (issue 26): temporal conv, joint mixing, attention dropout.
+"""Skeleton-aware block options (issue 26): temporal conv, joint mixing, attention dropout, and
+the graph-convolution stem (``model.graph_stem``).
 
 Zero-gate equivalence (a block with the new branches at their initial gates computes what the
 plain block computes), the grid rule under masking, parameter counts, weight-decay groups, and
@@ -301,3 +302,91 @@ def test_decoder_time_term_starts_at_zero_and_then_reads_the_time() -> None:
         proj.weight.normal_(0, 0.5)
     assert m.encoder.time_proj.weight.abs().sum() == 0
     assert (m(x, *args, time_NT=times(scale=3.0))[0] - m(x, *args, time_NT=times())[0]).abs() > 1e-6
+
+
+# ---------------------------------------------------------------------------- graph stem
+
+
+def test_graph_stem_starts_at_zero_and_loads_an_old_encoder() -> None:
+    """model.graph_stem over an encoder built without it: its parameters (and BatchNorm buffers)
+    are the only new keys, the old weights load exactly, and the output equals the old encoder's
+    in training and eval mode (the projection starts at zero) until the projection moves."""
+    plain, stem = enc(), enc(graph_stem=2, graph_stem_width=16)
+    missing = sorted(set(stem.state_dict()) - set(plain.state_dict()))
+    assert missing and all(k.startswith("stem.") for k in missing)
+    load_encoder_state(stem, plain.state_dict(), "old.safetensors", ["graph_stem=2"])
+    x = x_batch()
+    for mode in (True, False):
+        plain.train(mode), stem.train(mode)
+        torch.manual_seed(3)
+        a = plain(x)
+        torch.manual_seed(3)
+        torch.testing.assert_close(stem(x), a, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        stem.stem.proj.weight.normal_()
+    assert (stem(x) - plain(x)).abs().max() > 1e-3
+    # its adjacency starts as the layout's normalised adjacency, kept out of weight decay
+    assert torch.equal(stem.stem.blocks[1].adjacency, normalized_adjacency(LAYOUT.parents))
+    assert no_weight_decay("encoder.stem.blocks.1.adjacency", stem.stem.blocks[1].adjacency)
+
+
+def test_graph_stem_parameter_count() -> None:
+    W, D, K = 16, 64, 9
+    first = (C * W + W) + V * V + 2 * W + (K * W * W + W) + 2 * W + (C * W + W) + 2 * W  # + residual conv + bn
+    later = (W * W + W) + V * V + 2 * W + (K * W * W + W) + 2 * W
+    extra = 2 * V * C + first + later + (W * D + D)  # data BN, blocks, projection
+    plain = sum(p.numel() for p in enc().parameters())
+    assert sum(p.numel() for p in enc(graph_stem=2, graph_stem_width=W).parameters()) - plain == extra
+
+
+def test_graph_stem_is_local_on_the_skeleton_and_in_time() -> None:
+    """One stem block: a change to joint j at frame 0 reaches joint j and its skeleton neighbours
+    only (one graph hop), and frames 0..4 only (a width-9 temporal conv), i.e. the tokens of
+    temporal patches 0 and 1 (4 frames each), in token order l = tp * V + v."""
+    e = enc(graph_stem=1, graph_stem_width=8).eval()
+    with torch.no_grad():
+        e.stem.proj.weight.normal_()
+    j = 2
+    x = x_batch()
+    x2 = x.clone()
+    x2[:, 0, :, j] += 1.0
+    d = (e.stem_tokens(x2) - e.stem_tokens(x)).abs().amax(dim=(0, 2)).reshape(T // 4, V)  # (Lt, V)
+    near = {j} | {c for c, p in enumerate(LAYOUT.parents) if p == j} | {LAYOUT.parents[j]}
+    moved = {(int(t), int(v)) for t, v in (d > 1e-6).nonzero()}
+    assert moved == {(t, v) for t in (0, 1) for v in near}
+
+
+def test_graph_stem_pools_valid_frames_only() -> None:
+    """With a frame mask, a temporal patch's stem term is the mean over its valid frames."""
+    e = enc(graph_stem=1, graph_stem_width=8).eval()
+    with torch.no_grad():
+        e.stem.proj.weight.normal_()
+    x = x_batch()
+    mask = torch.ones(N, T, dtype=torch.bool)
+    mask[:, 14:] = False  # the last patch keeps frames 12, 13
+    full = e.stem_tokens(x).reshape(N, T // 4, V, -1)
+    masked = e.stem_tokens(x, mask).reshape(N, T // 4, V, -1)
+    torch.testing.assert_close(masked[:, :3], full[:, :3])
+    # the per-frame features (before the linear projection) of frames 12, 13 give the last patch
+    h = e.stem.data_bn(x[:, :, 0].permute(0, 2, 3, 1).reshape(N, V * C, T)).reshape(N, V, C, T).permute(0, 2, 3, 1)
+    h = e.stem.blocks[0](h)  # (N, W, T, V)
+    want = e.stem.proj(h[:, :, 12:14].mean(2).permute(0, 2, 1))  # (N, V, D)
+    torch.testing.assert_close(masked[:, 3], want, rtol=1e-5, atol=1e-5)
+
+
+def test_graph_stem_gets_full_lr_and_is_refused_in_pretraining() -> None:
+    from mtscale.config import ObjectiveConfig
+    from mtscale.models.encoder import layer_id_for
+    from mtscale.models.objectives import build_pretrain_model
+
+    assert layer_id_for("encoder.stem.blocks.0.gcn.weight", 4) == 5  # not transformer block 0
+    assert layer_id_for("encoder.transformer.blocks.0.attn.qkv.weight", 4) == 1
+    with pytest.raises(ConfigError, match="model.graph_stem: found 2 in pre-training"):
+        build_pretrain_model(ModelConfig(size="tiny", graph_stem=2), ObjectiveConfig(decoder_dim=32, decoder_depth=1,
+                             decoder_heads=4), clip_frames=T, num_bodies=M, num_joints=V, parents=LAYOUT.parents)
+    for kw in (dict(graph_stem=-1), dict(graph_stem=2, graph_stem_width=0)):
+        with pytest.raises(ConfigError, match="graph_stem"):
+            ModelConfig(**kw)
+    with pytest.raises(ConfigError, match="patch"):
+        MotionTransformer.from_config(ModelConfig(tokenization="frame", graph_stem=1), clip_frames=T, num_bodies=M,
+                                      num_joints=V)
