@@ -25,6 +25,8 @@ SCRATCH = [
     ("+ drop-joint, drop-axis, EMA, attn-drop, drop-path 0.2", [82.8, 81.7]),
     ("frames drawn over the whole clip (sampling=random)", [83.2, 83.4]),
     ("+ time index (time_index=true)", [86.6, 86.6, 84.9]),
+    ("+ graph stem, 3 blocks x 64 (graph_stem=3)", [88.8, 88.6]),
+    ("+ graph stem, 6 blocks x 64 (graph_stem=6)", [90.5, 88.8, 88.8]),
     ("time index alone (default crop + resample)", [86.4, 83.8]),
     ("CTR-GCN's feeder (raw store, rotation xy 60, min-max, T 52) + both", [85.3]),
     ("seed paper: frame tokens, mean head", [77.6]),

@@ -145,6 +145,10 @@ def build_encoder(cfg: FinetuneConfig, *, num_joints: int, in_chans: int | None 
             for extra in ADDABLE_SHAPE.get(k, ()):
                 model_dict[extra] = getattr(cfg.model, extra)
             added.append(f"{k}={want!r}")
+    if added and cfg.protocol == "linear":
+        raise ConfigError(f"model: found {', '.join(added)} added over the pre-trained encoder with protocol linear, "
+                          "where the encoder is frozen and the new branch would stay at its zero start; expected "
+                          "the file's architecture for a linear probe (or protocol finetune / semi)")
     model_cfg = from_dict(ModelConfig, model_dict, "model")
     enc = MotionTransformer.from_config(model_cfg, clip_frames=cfg.data.clip_frames, num_bodies=cfg.data.num_bodies,
                                         num_joints=num_joints, in_chans=int(meta.get("in_chans", in_chans)),

@@ -427,6 +427,10 @@ def test_graph_stem_over_an_old_encoder_trains_and_evaluate_reloads_it(store, en
     assert clf.encoder.stem.blocks[0].bn1.num_batches_tracked > 0  # BatchNorm statistics kept
     ev = evaluate_checkpoint(str(run / "final"), store, split="xsub60", part="test", progress=False)
     assert ev["top1"] == pytest.approx(res["test_top1"], abs=1e-6)
+    # over a frozen encoder (linear probe) a new branch would stay at zero: refused, naming it
+    with pytest.raises(ConfigError, match="graph_stem=1 added over the pre-trained encoder with protocol linear"):
+        run_finetune(_cfg(store, tmp_path / "lin_stem", "protocol=linear", f"pretrained={encoder_file}",
+                          "model.graph_stem=1"))
 
 
 def test_unfinished_pretraining_and_unsafe_run_dirs_are_refused(store, tmp_path):
