@@ -48,6 +48,8 @@ PRETRAINED = [
     ("... extended to 24,000 steps", [89.2, 89.9]),
     ("... second pre-training draw (same recipe)", [87.7, 87.7, 89.4]),
     ("... second draw, fine-tuned on whole-clip frames", [88.6, 90.1, 88.4]),
+    ("... third draw (pre-training seed 1), whole-clip frames", [88.8, 89.7, 88.6]),
+    ("... third draw + graph stem 6 blocks added at fine-tuning", [89.4, 88.6]),
     ("seed paper: frame tokens, motion flow 6,000 steps", [86.2]),
     ("... with the time index (both stages), whole-clip frames", [86.9]),
 ]
