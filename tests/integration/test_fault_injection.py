@@ -3,9 +3,13 @@
 the same command again gives exactly the uninterrupted run's outputs: no data lost, nothing
 silent, nothing half-written left in the way.
 
-The kill moment is drawn (seeded) between 10 % and 60 % of the reference run's wall time, so each
-seed hits a different phase (start-up, mid-stage, checkpoint writing); the pre-training and fine-tuning tests assert the
-kill landed while the run was going.
+``prepare`` is killed at a moment drawn (seeded) between 10 % and 60 % of the reference run's wall
+time. Pre-training and fine-tuning are killed at a phase of the run itself, read from its own
+files, so the kill lands while the run is going however loaded the machine is (a moment taken
+from the reference's wall time let a killed run finish first when the load dropped between the
+two): ``start``, as soon as the run directory is marked (nothing trained, no checkpoint), and
+``mid``, a seeded fraction of a step / epoch after a seeded row of ``metrics.jsonl`` (mid-step
+or mid-checkpoint, with at least one row still to come).
 """
 
 from __future__ import annotations
@@ -65,6 +69,50 @@ def _kill_at(cmd: list[str], seconds: float) -> bool:
 
 def _moment(seed: int, ref_s: float) -> float:
     return random.Random(seed).uniform(0.1, 0.6) * ref_s
+
+
+PHASES = ("start", "mid1", "mid2")  # mid<seed>
+
+
+def _rows(run_dir: Path) -> int:
+    try:
+        return (run_dir / "metrics.jsonl").read_text().count("\n")  # complete rows only
+    except FileNotFoundError:
+        return 0
+
+
+def _kill_in_phase(cmd: list[str], run_dir: Path, phase: str, n_rows: int) -> None:
+    """Run ``cmd`` (which writes ``n_rows`` rows of ``run_dir/metrics.jsonl``) and SIGKILL its
+    process group in ``phase``: ``start`` once the run directory is marked; ``mid<seed>`` once
+    row k + 1 is written (k seeded in 1..n_rows-2), plus a seeded fraction (0-50 %) of the time
+    this run took from row k to row k + 1. Fails if the run ended before the kill."""
+    from mtscale.train.rundir import RUN_MARK
+
+    log = run_dir.parent / "killed_run.log"
+    with log.open("w") as err:  # a file, not a pipe: a full pipe would stall the run
+        p = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                             start_new_session=True)
+
+    def wait_for(done) -> float:
+        while not done():
+            assert p.poll() is None, f"the run ended (exit {p.returncode}) before the kill:\n{log.read_text()[-2000:]}"
+            time.sleep(0.01)
+        return time.perf_counter()
+
+    try:
+        if phase == "start":
+            wait_for(lambda: (run_dir / RUN_MARK).is_file())
+        else:
+            rng = random.Random(int(phase[3:]))
+            k = rng.randint(1, n_rows - 2)
+            ta = wait_for(lambda: _rows(run_dir) >= k)
+            tb = wait_for(lambda: _rows(run_dir) >= k + 1)
+            time.sleep(rng.uniform(0.0, 0.5) * (tb - ta))
+        assert p.poll() is None, f"the run ended before the kill (phase {phase})"
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
 
 
 @pytest.fixture(scope="module")
@@ -137,18 +185,19 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def reference_pretrain(reference_store, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+def reference_pretrain(reference_store, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("ref_pretrain") / "run"
-    return run_dir, _timed(_pretrain_cmd(reference_store[0], run_dir))
+    _run(_pretrain_cmd(reference_store[0], run_dir))
+    return run_dir
 
 
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("phase", PHASES)
 def test_pretrain_killed_anywhere_resumes_to_the_same_curve(reference_store, reference_pretrain, tmp_path: Path,
-                                                            seed: int):
-    ref, secs = reference_pretrain
+                                                            phase: str):
+    ref = reference_pretrain
     run_dir = tmp_path / "run"
     cmd = _pretrain_cmd(reference_store[0], run_dir)
-    assert _kill_at(cmd, _moment(seed, secs)), "the run finished before the kill"
+    _kill_in_phase(cmd, run_dir, phase, n_rows=12)
     _run(cmd)
     got, want = _losses(run_dir), _losses(ref)
     assert sorted(got) == sorted(want) == list(range(1, 13))
@@ -171,20 +220,21 @@ def _finetune_cmd(store: Path, run_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference_finetune(reference_store, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+def reference_finetune(reference_store, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("ref_finetune") / "run"
-    return run_dir, _timed(_finetune_cmd(reference_store[0], run_dir))
+    _run(_finetune_cmd(reference_store[0], run_dir))
+    return run_dir
 
 
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("phase", PHASES)
 def test_finetune_killed_anywhere_resumes_to_the_same_model(reference_store, reference_finetune, tmp_path: Path,
-                                                            seed: int):
+                                                            phase: str):
     from safetensors.torch import load_file
 
-    ref, secs = reference_finetune
+    ref = reference_finetune
     run_dir = tmp_path / "run"
     cmd = _finetune_cmd(reference_store[0], run_dir)
-    assert _kill_at(cmd, _moment(seed, secs)), "the run finished before the kill"
+    _kill_in_phase(cmd, run_dir, phase, n_rows=3)
     _run(cmd)
     a, b = (json.loads((d / "results.json").read_text()) for d in (ref, run_dir))
     assert b["test_top1"] == pytest.approx(a["test_top1"], abs=1e-6)
@@ -200,7 +250,7 @@ def test_finetune_killed_anywhere_resumes_to_the_same_model(reference_store, ref
 
 def test_truncated_artefacts_are_named_not_used(reference_store, reference_finetune, tmp_path: Path):
     """A truncated classifier file is one line naming it (never a crash, never a silent score)."""
-    ref, _ = reference_finetune
+    ref = reference_finetune
     bad = tmp_path / "final"
     shutil.copytree(ref / "final", bad)
     w = bad / "model.safetensors"
