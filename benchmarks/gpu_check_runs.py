@@ -452,7 +452,8 @@ def check_finetune(ctx: Ctx) -> str:
     sets = {"data.store": ctx.store(), "run.dir": run_dir, "epochs": 2, "warmup_epochs": 0.5,
             "data.clip_frames": p.clip_frames, "data.num_workers": p.workers, "train.device": "cuda" if p.cuda else "cpu",
             "train.precision": p.precision, "train.batch_size": FT_BATCH, "run.progress": "false",
-            "run.tensorboard": "false"}
+            "run.tensorboard": "false",
+            "model.graph_stem": 2}  # the from-scratch recipe's stem (convs, BatchNorm) added over the encoder
     out, err = ctx.run("finetune", [sys.executable, "-m", "mtscale.cli", "finetune", "--config", FINETUNE_CONFIG,
                                     "--pretrained", enc, "--json", *set_args(sets)])
     res = json.loads(out)
@@ -465,7 +466,7 @@ def check_finetune(ctx: Ctx) -> str:
     expect(0.0 <= res["test_top1"] <= 100.0 and res["test"] > 0, f"test top-1 {res.get('test_top1')}")
     losses = [r["train_loss"] for r in metrics_rows(run_dir)]
     expect(all(math.isfinite(v) for v in losses), f"train losses {losses}")
-    return (f"{which} on {m.group(1)} ({p.precision}), 2 epochs in {res['wall_s']:.0f} s: test top-1 "
+    return (f"{which} + graph stem on {m.group(1)} ({p.precision}), 2 epochs in {res['wall_s']:.0f} s: test top-1 "
             f"{res['test_top1']:.1f} % on {res['test']} samples, train loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
 
