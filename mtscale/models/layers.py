@@ -234,7 +234,10 @@ class GraphStem(nn.Module):
     (V, V) adjacency, initialised to the layout's normalised adjacency + BatchNorm + ReLU, then a
     width-9 temporal convolution + BatchNorm, residual, ReLU) on every frame of the clip, each
     body separately; then each temporal patch's frames are averaged per joint (valid frames only)
-    and projected to the token width by ``proj``, which starts at zero.
+    and projected to the token width by ``proj``, which starts at zero. Padded frames
+    (``valid_BT`` False) are held at zero between layers, so a valid frame's features do not
+    depend on how much padding follows it (in ``eval()``: those of the clip cut at its last valid
+    frame; in training BatchNorm's batch statistics still count the padded zeros, as ST-GCN's do).
 
     (B, T, V, C) frames -> (B, Lt * V, D) in patch-token order (``l = tp * V + v``), so it adds
     to the patch tokens' embeddings: zero at init (an encoder built without it loads and starts
@@ -262,8 +265,12 @@ class GraphStem(nn.Module):
         p = self.patch_frames
         h = self.data_bn(x_BTVC.permute(0, 2, 3, 1).reshape(B, V * C, T))  # (B, V C, T)
         h = h.reshape(B, V, C, T).permute(0, 2, 3, 1)  # (B, C, T, V)
+        # padded frames are outside the clip: zero after every layer that would give them a value
+        # (BatchNorm shift, conv bias), so the temporal convs read zeros there, as at the clip's edge
+        keep = None if valid_BT is None else valid_BT.reshape(B, 1, T, 1).to(h.dtype)
+        h = h if keep is None else h * keep
         for blk in self.blocks:
-            h = blk(h)
+            h = blk(h, keep)
         W = h.shape[1]
         h = h.permute(0, 2, 3, 1).reshape(B, T // p, p, V, W)  # (B, Lt, p, V, W)
         if valid_BT is None:
@@ -286,10 +293,13 @@ class GraphBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.res = nn.Identity() if c_in == c_out else nn.Sequential(nn.Conv2d(c_in, c_out, 1), nn.BatchNorm2d(c_out))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """``keep`` (B, 1, T, 1): 1 on valid frames, 0 on padding (set to zero after each step)."""
         h = torch.einsum("nctv,vw->nctw", self.gcn(x), self.adjacency.to(x.dtype))
         h = F.relu(self.bn1(h))
-        return F.relu(self.bn2(self.tcn(h)) + self.res(x))
+        h = h if keep is None else h * keep.to(h.dtype)
+        out = F.relu(self.bn2(self.tcn(h)) + self.res(x))
+        return out if keep is None else out * keep.to(out.dtype)
 
 
 class Block(nn.Module):

@@ -233,6 +233,9 @@ class FullTrainer:
         if self.splits.val.size == 0:
             return {}
         with self.export_context():
+            if self.rt.distributed:  # each rank's BatchNorm statistics took in its own last batch: score every
+                for b in unwrap(self.model).buffers():  # share with rank 0's, the ones saved (and EMA'd there)
+                    dist.broadcast(b, 0)
             logits = score_rows(classifier_forward(unwrap(self.model), probs=False), self.store, self.cfg.data,
                                 self.splits.val, self.rt,
                                 batch_size=self.cfg.eval_batch_size or 2 * self.micro_batch_size,

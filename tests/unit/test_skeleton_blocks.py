@@ -357,21 +357,42 @@ def test_graph_stem_is_local_on_the_skeleton_and_in_time() -> None:
 
 
 def test_graph_stem_pools_valid_frames_only() -> None:
-    """With a frame mask, a temporal patch's stem term is the mean over its valid frames."""
-    e = enc(graph_stem=1, graph_stem_width=8).eval()
+    """With a frame mask, the stem computes what it computes on the clip cut at its last valid
+    frame (padding is outside the clip, whatever it holds, as at the clip's edge), and a temporal
+    patch's stem term is the mean over its valid frames; a patch with no valid frame gets ``proj``'s
+    bias alone."""
+    e = enc(graph_stem=2, graph_stem_width=8).eval()
     with torch.no_grad():
         e.stem.proj.weight.normal_()
+        e.stem.proj.bias.normal_()
+        for m in e.stem.modules():  # non-trivial BatchNorm shifts: they are what gave padding a value
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                m.running_mean.normal_()
     x = x_batch()
-    mask = torch.ones(N, T, dtype=torch.bool)
-    mask[:, 14:] = False  # the last patch keeps frames 12, 13
-    full = e.stem_tokens(x).reshape(N, T // 4, V, -1)
-    masked = e.stem_tokens(x, mask).reshape(N, T // 4, V, -1)
-    torch.testing.assert_close(masked[:, :3], full[:, :3])
-    # the per-frame features (before the linear projection) of frames 12, 13 give the last patch
-    h = e.stem.data_bn(x[:, :, 0].permute(0, 2, 3, 1).reshape(N, V * C, T)).reshape(N, V, C, T).permute(0, 2, 3, 1)
-    h = e.stem.blocks[0](h)  # (N, W, T, V)
-    want = e.stem.proj(h[:, :, 12:14].mean(2).permute(0, 2, 1))  # (N, V, D)
-    torch.testing.assert_close(masked[:, 3], want, rtol=1e-5, atol=1e-5)
+
+    def cut(n_valid: int) -> torch.Tensor:
+        """Per-frame stem features of x's first n_valid frames alone: (N, n_valid, V, W)."""
+        xs = x[:, :n_valid, 0]
+        h = e.stem.data_bn(xs.permute(0, 2, 3, 1).reshape(N, V * C, n_valid))
+        h = h.reshape(N, V, C, n_valid).permute(0, 2, 3, 1)
+        for blk in e.stem.blocks:
+            h = blk(h)
+        return h.permute(0, 2, 3, 1)
+
+    for n_valid, in_patch in ((14, (12, 14)), (12, None)):
+        mask = torch.zeros(N, T, dtype=torch.bool)
+        mask[:, :n_valid] = True
+        xp = x.clone()
+        xp[:, n_valid:] = 7.0  # whatever the padding holds
+        got = e.stem_tokens(xp, mask).reshape(N, T // 4, V, -1)
+        f = cut(n_valid)
+        for tp in range(3):
+            torch.testing.assert_close(got[:, tp], e.stem.proj(f[:, 4 * tp:4 * tp + 4].mean(1)), rtol=1e-5, atol=1e-5)
+        if in_patch is None:
+            torch.testing.assert_close(got[:, 3], e.stem.proj.bias.expand(N, V, -1))
+        else:
+            a, b = in_patch
+            torch.testing.assert_close(got[:, 3], e.stem.proj(f[:, a:b].mean(1)), rtol=1e-5, atol=1e-5)
 
 
 def test_graph_stem_gets_full_lr_and_is_refused_in_pretraining() -> None:
