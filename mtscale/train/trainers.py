@@ -234,7 +234,7 @@ class FullTrainer:
             return {}
         with self.export_context():
             if self.rt.distributed:  # each rank's BatchNorm statistics took in its own last batch: score every
-                for b in unwrap(self.model).buffers():  # share with rank 0's, the ones saved (and EMA'd there)
+                for b in unwrap(self.model).buffers():  # share with rank 0's, the ones that are saved
                     dist.broadcast(b, 0)
             logits = score_rows(classifier_forward(unwrap(self.model), probs=False), self.store, self.cfg.data,
                                 self.splits.val, self.rt,
