@@ -276,8 +276,8 @@ class GraphStem(nn.Module):
         if valid_BT is None:
             pooled = h.mean(2)
         else:
-            w = valid_BT.reshape(B, T // p, p, 1, 1).to(h.dtype)
-            pooled = (h * w).sum(2) / w.sum(2).clamp_min(1.0)
+            n = valid_BT.reshape(B, T // p, p, 1, 1).to(h.dtype).sum(2)  # padded frames are zero already
+            pooled = h.sum(2) / n.clamp_min(1.0)
         return self.proj(pooled.reshape(B, (T // p) * V, W))
 
 
