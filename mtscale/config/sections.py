@@ -183,7 +183,13 @@ class ModelConfig:
     every frame, hidden tokens' too, so masked pre-training refuses it: a fine-tuning / from-scratch
     option (models/layers.py ``GraphStem``)."""
     graph_stem_width: int = 64
-    """Channels of the graph stem's blocks."""
+    """Channels of the graph stem's blocks (with ``graph_stem_pyramid``: of its first stage)."""
+    graph_stem_pyramid: bool = False
+    """The reference ST-GCN's shape for the stem: stages of width ``graph_stem_width`` x 1, 2, 4,
+    ..., each later one opening with a temporal stride of 2, down to one step per temporal patch
+    (log2(patch_frames) + 1 stages; 6 blocks over 4-frame patches: widths 64, 64, 128, 128, 256,
+    256 at 1, 1, 1/2, 1/2, 1/4, 1/4 of the frame rate). False: every block at ``graph_stem_width``
+    and the full frame rate, each patch's frames averaged."""
 
     def __post_init__(self) -> None:
         if self.attention not in ("global", "spatial"):

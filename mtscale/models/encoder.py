@@ -80,7 +80,7 @@ class MotionTransformer(nn.Module):
                  checkpoint_activations: bool = False, rel_bias: bool = False, temporal_conv: int = 0,
                  joint_mix: str = "none", attn_drop: float = 0.0, attention: str = "global",
                  time_index: bool = False, graph_stem: int = 0, graph_stem_width: int = 64,
-                 parents: tuple[int, ...] | None = None):
+                 graph_stem_pyramid: bool = False, parents: tuple[int, ...] | None = None):
         super().__init__()
         if tokenization not in ("frame", "patch"):
             raise ConfigError(f"model.tokenization: found {tokenization!r}, expected 'frame' or 'patch'")
@@ -120,9 +120,10 @@ class MotionTransformer(nn.Module):
         # ST-GCN stem on the full-rate clip, added to the token embeddings (zero at init); without
         # the layout's tree (a model about to load its weights) its adjacency starts as the identity
         self.graph_stem, self.graph_stem_width = graph_stem, graph_stem_width
+        self.graph_stem_pyramid = graph_stem_pyramid
         self.stem = GraphStem(in_chans, graph_stem_width, graph_stem, dim, num_joints, patch_frames,
-                              normalized_adjacency(tuple(parents)) if parents is not None else None
-                              ) if graph_stem else None
+                              normalized_adjacency(tuple(parents)) if parents is not None else None,
+                              pyramid=graph_stem_pyramid) if graph_stem else None
         if attention not in ("global", "spatial"):
             raise ConfigError(f"model.attention: found {attention!r}, expected global|spatial")
         if attention != "global" and tokenization != "patch":
@@ -168,7 +169,8 @@ class MotionTransformer(nn.Module):
                    attn_backend=cfg.attn_backend, checkpoint_activations=cfg.checkpoint_activations,
                    rel_bias=cfg.rel_bias, temporal_conv=cfg.temporal_conv, joint_mix=cfg.joint_mix,
                    attn_drop=cfg.attn_drop, attention=cfg.attention, time_index=cfg.time_index,
-                   graph_stem=cfg.graph_stem, graph_stem_width=cfg.graph_stem_width, parents=parents)
+                   graph_stem=cfg.graph_stem, graph_stem_width=cfg.graph_stem_width,
+                   graph_stem_pyramid=cfg.graph_stem_pyramid, parents=parents)
 
     # ------------------------------------------------------------------ tokens
     @property

@@ -243,20 +243,30 @@ class GraphStem(nn.Module):
     to the patch tokens' embeddings: zero at init (an encoder built without it loads and starts
     exactly where it was), and the gradient reaches the stem through ``proj`` from the first step.
 
+    ``pyramid`` (the reference ST-GCN's shape): instead of ``depth`` blocks of ``width`` at the
+    full frame rate, the blocks form log2(``patch_frames``) + 1 stages of widths ``width``,
+    2 ``width``, 4 ``width``, ...; each later stage opens with a temporal stride of 2, so the last
+    stage runs at one step per temporal patch (its step ``t`` is centred on the patch's first
+    frame) and no frames are averaged; a patch counts as valid when its first frame is.
+
     It sees every frame of the clip, so in masked pre-training it would carry hidden tokens'
     frames into visible tokens: it is a fine-tuning (and from-scratch) option, and the
     pre-training model refuses it. BatchNorm keeps running statistics (``eval()`` uses them)."""
 
     def __init__(self, in_chans: int, width: int, depth: int, dim: int, num_joints: int, patch_frames: int,
-                 adjacency: Tensor | None = None, kernel: int = 9):
+                 adjacency: Tensor | None = None, kernel: int = 9, pyramid: bool = False):
         super().__init__()
         a = torch.eye(num_joints) if adjacency is None else adjacency.float()
-        self.patch_frames = patch_frames
+        self.patch_frames, self.pyramid = patch_frames, pyramid
         self.data_bn = nn.BatchNorm1d(num_joints * in_chans)
+        stages = pyramid_stages(depth, patch_frames) if pyramid else [0] * depth
+        widths = [width * 2 ** s for s in stages]
         self.blocks = nn.ModuleList(
-            GraphBlock(in_chans if i == 0 else width, width, a, kernel) for i in range(depth)
+            GraphBlock(in_chans if i == 0 else widths[i - 1], widths[i], a, kernel,
+                       stride=2 if i and stages[i] > stages[i - 1] else 1)
+            for i in range(depth)
         )
-        self.proj = nn.Linear(width, dim)
+        self.proj = nn.Linear(widths[-1], dim)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
@@ -270,8 +280,10 @@ class GraphStem(nn.Module):
         keep = None if valid_BT is None else valid_BT.reshape(B, 1, T, 1).to(h.dtype)
         h = h if keep is None else h * keep
         for blk in self.blocks:
-            h = blk(h, keep)
+            h, keep = blk(h, keep)
         W = h.shape[1]
+        if self.pyramid:  # already one step per temporal patch; padded patches are zero
+            return self.proj(h.permute(0, 2, 3, 1).reshape(B, (T // p) * V, W))
         h = h.permute(0, 2, 3, 1).reshape(B, T // p, p, V, W)  # (B, Lt, p, V, W)
         if valid_BT is None:
             pooled = h.mean(2)
@@ -281,25 +293,44 @@ class GraphStem(nn.Module):
         return self.proj(pooled.reshape(B, (T // p) * V, W))
 
 
-class GraphBlock(nn.Module):
-    """One ST-GCN block of :class:`GraphStem`: (B, C, T, V) -> (B, W, T, V)."""
+def pyramid_stages(depth: int, patch_frames: int) -> list[int]:
+    """Stage of each of ``depth`` pyramid stem blocks: log2(``patch_frames``) + 1 stages, blocks
+    spread evenly (6 blocks, 4-frame patches: 0, 0, 1, 1, 2, 2); a ConfigError if it cannot be built."""
+    from mtscale.errors import ConfigError
 
-    def __init__(self, c_in: int, c_out: int, adjacency: Tensor, kernel: int = 9):
+    k = patch_frames.bit_length() - 1
+    if patch_frames < 1 or 2 ** k != patch_frames or depth < k + 1:
+        raise ConfigError(f"model.graph_stem_pyramid: found {depth} blocks over {patch_frames}-frame patches, expected "
+                          f"a power-of-two model.patch_frames and model.graph_stem >= log2(patch_frames) + 1")
+    return [i * (k + 1) // depth for i in range(depth)]
+
+
+class GraphBlock(nn.Module):
+    """One ST-GCN block of :class:`GraphStem`: (B, C, T, V) -> (B, W, ceil(T / stride), V)."""
+
+    def __init__(self, c_in: int, c_out: int, adjacency: Tensor, kernel: int = 9, stride: int = 1):
         super().__init__()
+        self.stride = stride
         self.gcn = nn.Conv2d(c_in, c_out, 1)
         self.adjacency = nn.Parameter(adjacency.detach().clone())
         self.bn1 = nn.BatchNorm2d(c_out)
-        self.tcn = nn.Conv2d(c_out, c_out, (kernel, 1), padding=(kernel // 2, 0))
+        self.tcn = nn.Conv2d(c_out, c_out, (kernel, 1), stride=(stride, 1), padding=(kernel // 2, 0))
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.res = nn.Identity() if c_in == c_out else nn.Sequential(nn.Conv2d(c_in, c_out, 1), nn.BatchNorm2d(c_out))
+        same = c_in == c_out and stride == 1
+        self.res = nn.Identity() if same else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=(stride, 1)),
+                                                            nn.BatchNorm2d(c_out))
 
-    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
-        """``keep`` (B, 1, T, 1): 1 on valid frames, 0 on padding (set to zero after each step)."""
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``keep`` (B, 1, T, 1): 1 on valid frames, 0 on padding (set to zero after each step);
+        returns the output and its ``keep`` (every ``stride``-th step: padding is at the end)."""
         h = torch.einsum("nctv,vw->nctw", self.gcn(x), self.adjacency.to(x.dtype))
         h = F.relu(self.bn1(h))
         h = h if keep is None else h * keep.to(h.dtype)
         out = F.relu(self.bn2(self.tcn(h)) + self.res(x))
-        return out if keep is None else out * keep.to(out.dtype)
+        if keep is None:
+            return out, None
+        keep = keep[:, :, ::self.stride]
+        return out * keep.to(out.dtype), keep
 
 
 class Block(nn.Module):

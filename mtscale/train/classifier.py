@@ -44,7 +44,7 @@ RUNTIME_FIELDS = ("drop_path", "attn_backend", "checkpoint_activations", "compil
 # pre-training left it.
 ADDABLE_FIELDS = {"temporal_conv": 0, "joint_mix": "none", "time_index": False, "graph_stem": 0}
 # ... and the fields that shape such a branch: taken from the fine-tuning config with it
-ADDABLE_SHAPE = {"graph_stem": ("graph_stem_width",)}
+ADDABLE_SHAPE = {"graph_stem": ("graph_stem_width", "graph_stem_pyramid")}
 
 
 # --------------------------------------------------------------------------- encoder

@@ -408,21 +408,23 @@ def test_new_branches_over_an_old_encoder_start_where_it_was(store, encoder_file
 
 
 def test_graph_stem_over_an_old_encoder_trains_and_evaluate_reloads_it(store, encoder_file, tmp_path, caplog):
-    """Issue 26: ``model.graph_stem`` (with its width) over an encoder pre-trained without it: its
-    keys are the only new ones (logged), its projection leaves zero (the stem is trained), the
-    classifier records it, and evaluate rebuilds it (two bodies folded, NTU-25's tree) and
-    reproduces the reported test accuracy."""
+    """Issue 26: ``model.graph_stem`` (with its width and the pyramid shape; the flat stem runs in
+    tests/distributed/test_finetune_ddp.py) over an encoder pre-trained without it: its keys are the
+    only new ones (logged), its projection leaves zero (the stem is trained), the classifier records
+    it, and evaluate rebuilds it (two bodies folded, NTU-25's tree) and reproduces the reported test
+    accuracy."""
     from mtscale.train.evaluate import evaluate_checkpoint
 
     caplog.set_level("INFO", logger="mtscale")
     run = tmp_path / "stem"
-    res = run_finetune(_cfg(store, run, f"pretrained={encoder_file}", "model.graph_stem=2",
-                            "model.graph_stem_width=8"))
-    assert any("added graph_stem=2 over the pre-trained encoder" in r.message and "stem.proj.weight" in r.message
+    res = run_finetune(_cfg(store, run, f"pretrained={encoder_file}", "model.graph_stem=3",
+                            "model.graph_stem_width=8", "model.graph_stem_pyramid=true"))
+    assert any("added graph_stem=3 over the pre-trained encoder" in r.message and "stem.proj.weight" in r.message
                for r in caplog.records)
     clf, meta = load_classifier(run / "final")
-    assert meta["model"]["graph_stem"] == 2 and meta["model"]["graph_stem_width"] == 8
-    assert clf.encoder.stem.blocks[0].gcn.out_channels == 8
+    assert meta["model"]["graph_stem"] == 3 and meta["model"]["graph_stem_width"] == 8
+    assert meta["model"]["graph_stem_pyramid"] is True
+    assert [b.gcn.out_channels for b in clf.encoder.stem.blocks] == [8, 16, 32]
     assert clf.encoder.stem.proj.weight.abs().max() > 0  # left its zero init
     assert clf.encoder.stem.blocks[0].bn1.num_batches_tracked > 0  # BatchNorm statistics kept
     ev = evaluate_checkpoint(str(run / "final"), store, split="xsub60", part="test", progress=False)

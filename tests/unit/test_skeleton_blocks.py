@@ -376,7 +376,7 @@ def test_graph_stem_pools_valid_frames_only() -> None:
         h = e.stem.data_bn(xs.permute(0, 2, 3, 1).reshape(N, V * C, n_valid))
         h = h.reshape(N, V, C, n_valid).permute(0, 2, 3, 1)
         for blk in e.stem.blocks:
-            h = blk(h)
+            h, _ = blk(h)
         return h.permute(0, 2, 3, 1)
 
     for n_valid, in_patch in ((14, (12, 14)), (12, None)):
@@ -411,3 +411,68 @@ def test_graph_stem_gets_full_lr_and_is_refused_in_pretraining() -> None:
     with pytest.raises(ConfigError, match="patch"):
         MotionTransformer.from_config(ModelConfig(tokenization="frame", graph_stem=1), clip_frames=T, num_bodies=M,
                                       num_joints=V)
+
+
+def test_graph_stem_pyramid_shape_and_parameter_count() -> None:
+    """``graph_stem_pyramid``: 6 blocks over 4-frame patches are stages 0, 0, 1, 1, 2, 2 of widths
+    W, 2W, 4W, the stride 2 opening stages 1 and 2 (strided residual conv); the stem's steps are
+    the temporal patches."""
+    from mtscale.models.layers import pyramid_stages
+
+    assert pyramid_stages(6, 4) == [0, 0, 1, 1, 2, 2] and pyramid_stages(3, 4) == [0, 1, 2]
+    assert pyramid_stages(2, 1) == [0, 0] and pyramid_stages(4, 2) == [0, 0, 1, 1]
+    W, D, K = 8, 64, 9
+    e = enc(graph_stem=6, graph_stem_width=W, graph_stem_pyramid=True)
+    assert [b.stride for b in e.stem.blocks] == [1, 1, 2, 1, 2, 1]
+    assert [b.gcn.out_channels for b in e.stem.blocks] == [W, W, 2 * W, 2 * W, 4 * W, 4 * W]
+
+    def block(ci: int, co: int, res: bool) -> int:
+        return (ci * co + co) + V * V + 2 * co + (K * co * co + co) + 2 * co + ((ci * co + co) + 2 * co if res else 0)
+
+    blocks = (block(C, W, True) + block(W, W, False) + block(W, 2 * W, True) + block(2 * W, 2 * W, False)
+              + block(2 * W, 4 * W, True) + block(4 * W, 4 * W, False))
+    plain = sum(p.numel() for p in enc().parameters())
+    assert sum(p.numel() for p in e.parameters()) - plain == 2 * V * C + blocks + (4 * W * D + D)
+    assert e.stem_tokens(x_batch()).shape == (N * M, (T // 4) * V, D)
+    for bad in (dict(graph_stem=2), dict(graph_stem=3, patch_frames=3)):
+        with pytest.raises(ConfigError, match="graph_stem_pyramid"):
+            pf = bad.pop("patch_frames", 4)
+            MotionTransformer.from_config(ModelConfig(size="tiny", patch_frames=pf, graph_stem_width=W,
+                                                      graph_stem_pyramid=True, **bad),
+                                          clip_frames=12, num_bodies=M, num_joints=V, parents=LAYOUT.parents)
+
+
+def test_graph_stem_pyramid_ignores_padding() -> None:
+    """With a frame mask (``eval()``), the pyramid stem's patch terms equal those of the clip cut at
+    its last valid frame, whatever the padding holds; a patch whose first frame is padding gets
+    ``proj``'s bias alone."""
+    e = enc(graph_stem=3, graph_stem_width=8, graph_stem_pyramid=True).eval()
+    with torch.no_grad():
+        e.stem.proj.weight.normal_()
+        e.stem.proj.bias.normal_()
+        for m in e.stem.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                m.running_mean.normal_()
+    x = x_batch()
+
+    def cut(n_valid: int) -> torch.Tensor:
+        """The stem's per-step features of x's first n_valid frames alone: (N, ceil(n/4), V, D)."""
+        xs = x[:, :n_valid, 0]
+        h = e.stem.data_bn(xs.permute(0, 2, 3, 1).reshape(N, V * C, n_valid))
+        h = h.reshape(N, V, C, n_valid).permute(0, 2, 3, 1)
+        for blk in e.stem.blocks:
+            h, _ = blk(h)
+        return e.stem.proj(h.permute(0, 2, 3, 1))
+
+    for n_valid in (14, 9, 12):
+        mask = torch.zeros(N, T, dtype=torch.bool)
+        mask[:, :n_valid] = True
+        xp = x.clone()
+        xp[:, n_valid:] = 7.0
+        got = e.stem_tokens(xp, mask).reshape(N, T // 4, V, -1)
+        want = cut(n_valid)
+        n_steps = want.shape[1]
+        assert n_steps == -(-n_valid // 4)
+        torch.testing.assert_close(got[:, :n_steps], want, rtol=1e-5, atol=1e-5)
+        for tp in range(n_steps, T // 4):
+            torch.testing.assert_close(got[:, tp], e.stem.proj.bias.expand(N, V, -1))
