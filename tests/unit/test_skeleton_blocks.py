@@ -356,28 +356,35 @@ def test_graph_stem_is_local_on_the_skeleton_and_in_time() -> None:
     assert moved == {(t, v) for t in (0, 1) for v in near}
 
 
+def stem_in_eval(**kw) -> MotionTransformer:
+    """An encoder with a stem in ``eval()``, its projection and BatchNorm shifts non-trivial
+    (the shifts are what gave padded frames a value)."""
+    e = enc(**kw).eval()
+    with torch.no_grad():
+        e.stem.proj.weight.normal_()
+        e.stem.proj.bias.normal_()
+        for m in e.stem.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                m.running_mean.normal_()
+    return e
+
+
+def stem_features(e: MotionTransformer, x: torch.Tensor, n_valid: int) -> torch.Tensor:
+    """The stem blocks' output on x's first ``n_valid`` frames alone (body 0): (N, steps, V, W)."""
+    h = e.stem.data_bn(x[:, :n_valid, 0].permute(0, 2, 3, 1).reshape(N, V * C, n_valid))
+    h = h.reshape(N, V, C, n_valid).permute(0, 2, 3, 1)
+    for blk in e.stem.blocks:
+        h, _ = blk(h)
+    return h.permute(0, 2, 3, 1)
+
+
 def test_graph_stem_pools_valid_frames_only() -> None:
     """With a frame mask, the stem computes what it computes on the clip cut at its last valid
     frame (padding is outside the clip, whatever it holds, as at the clip's edge), and a temporal
     patch's stem term is the mean over its valid frames; a patch with no valid frame gets ``proj``'s
     bias alone."""
-    e = enc(graph_stem=2, graph_stem_width=8).eval()
-    with torch.no_grad():
-        e.stem.proj.weight.normal_()
-        e.stem.proj.bias.normal_()
-        for m in e.stem.modules():  # non-trivial BatchNorm shifts: they are what gave padding a value
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                m.running_mean.normal_()
+    e = stem_in_eval(graph_stem=2, graph_stem_width=8)
     x = x_batch()
-
-    def cut(n_valid: int) -> torch.Tensor:
-        """Per-frame stem features of x's first n_valid frames alone: (N, n_valid, V, W)."""
-        xs = x[:, :n_valid, 0]
-        h = e.stem.data_bn(xs.permute(0, 2, 3, 1).reshape(N, V * C, n_valid))
-        h = h.reshape(N, V, C, n_valid).permute(0, 2, 3, 1)
-        for blk in e.stem.blocks:
-            h, _ = blk(h)
-        return h.permute(0, 2, 3, 1)
 
     for n_valid, in_patch in ((14, (12, 14)), (12, None)):
         mask = torch.zeros(N, T, dtype=torch.bool)
@@ -385,7 +392,7 @@ def test_graph_stem_pools_valid_frames_only() -> None:
         xp = x.clone()
         xp[:, n_valid:] = 7.0  # whatever the padding holds
         got = e.stem_tokens(xp, mask).reshape(N, T // 4, V, -1)
-        f = cut(n_valid)
+        f = stem_features(e, x, n_valid)
         for tp in range(3):
             torch.testing.assert_close(got[:, tp], e.stem.proj(f[:, 4 * tp:4 * tp + 4].mean(1)), rtol=1e-5, atol=1e-5)
         if in_patch is None:
@@ -446,23 +453,8 @@ def test_graph_stem_pyramid_ignores_padding() -> None:
     """With a frame mask (``eval()``), the pyramid stem's patch terms equal those of the clip cut at
     its last valid frame, whatever the padding holds; a patch whose first frame is padding gets
     ``proj``'s bias alone."""
-    e = enc(graph_stem=3, graph_stem_width=8, graph_stem_pyramid=True).eval()
-    with torch.no_grad():
-        e.stem.proj.weight.normal_()
-        e.stem.proj.bias.normal_()
-        for m in e.stem.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                m.running_mean.normal_()
+    e = stem_in_eval(graph_stem=3, graph_stem_width=8, graph_stem_pyramid=True)
     x = x_batch()
-
-    def cut(n_valid: int) -> torch.Tensor:
-        """The stem's per-step features of x's first n_valid frames alone: (N, ceil(n/4), V, D)."""
-        xs = x[:, :n_valid, 0]
-        h = e.stem.data_bn(xs.permute(0, 2, 3, 1).reshape(N, V * C, n_valid))
-        h = h.reshape(N, V, C, n_valid).permute(0, 2, 3, 1)
-        for blk in e.stem.blocks:
-            h, _ = blk(h)
-        return e.stem.proj(h.permute(0, 2, 3, 1))
 
     for n_valid in (14, 9, 12):
         mask = torch.zeros(N, T, dtype=torch.bool)
@@ -470,7 +462,7 @@ def test_graph_stem_pyramid_ignores_padding() -> None:
         xp = x.clone()
         xp[:, n_valid:] = 7.0
         got = e.stem_tokens(xp, mask).reshape(N, T // 4, V, -1)
-        want = cut(n_valid)
+        want = e.stem.proj(stem_features(e, x, n_valid))
         n_steps = want.shape[1]
         assert n_steps == -(-n_valid // 4)
         torch.testing.assert_close(got[:, :n_steps], want, rtol=1e-5, atol=1e-5)
