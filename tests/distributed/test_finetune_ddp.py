@@ -11,13 +11,12 @@ choice) describe no model that exists. The saved classifier's own validation sco
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support import run_ok
 
 from mtscale.train.scores import read_scores
 
@@ -27,29 +26,19 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def _env() -> dict[str, str]:
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    p = subprocess.run([str(c) for c in cmd], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return p
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     from mtscale.dist import free_port
 
     d = tmp_path_factory.mktemp("ddp")
     cli = [sys.executable, "-m", "mtscale.cli"]
-    _run([*cli, "synth", "--out", d / "raw", "--num-samples", "160", "--num-classes", "4", "--seed", "3", "--quiet"])
-    _run([*cli, "prepare", "--format", "ntu", "--input", d / "raw", "--out", d / "store", "--quiet"])
+    run_ok([*cli, "synth", "--out", d / "raw", "--num-samples", "160", "--num-classes", "4", "--seed", "3", "--quiet"])
+    run_ok([*cli, "prepare", "--format", "ntu", "--input", d / "raw", "--out", d / "store", "--quiet"])
     sets = ["protocol=scratch", "epochs=2", "warmup_epochs=0.5", "train.batch_size=16", "pool=joint",
             "head_hidden=64", "model.graph_stem=2", "model.graph_stem_width=16", "run.progress=false",
             "run.tensorboard=false", f"data.store={d / 'store'}", f"run.dir={d / 'run'}"]
-    p = _run([BIN / "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), ROOT / "mtscale" / "finetune.py",
-              "--config", ROOT / "configs" / "finetune" / "tiny_cpu.yaml", *sum((["--set", s] for s in sets), [])])
+    p = run_ok([BIN / "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), ROOT / "mtscale" / "finetune.py",
+                "--config", ROOT / "configs" / "finetune" / "tiny_cpu.yaml", *sum((["--set", s] for s in sets), [])])
     return d / "run", d / "store", p.stdout + p.stderr
 
 
@@ -77,8 +66,8 @@ def test_validation_scores_the_saved_statistics(run) -> None:
 def test_evaluate_on_one_process_reproduces_the_test_top1(run) -> None:
     run_dir, store, _ = run
     res = json.loads((run_dir / "results.json").read_text())
-    out = _run([sys.executable, "-m", "mtscale.cli", "evaluate", "--checkpoint", run_dir / "final", "--store", store,
-                "--split", "xsub60", "--json", "--quiet"]).stdout
+    out = run_ok([sys.executable, "-m", "mtscale.cli", "evaluate", "--checkpoint", run_dir / "final", "--store", store,
+                  "--split", "xsub60", "--json", "--quiet"]).stdout
     got = json.loads(out)
     assert got["num_samples"] == res["test"]
     assert got["top1"] == pytest.approx(res["test_top1"], abs=1e-6)

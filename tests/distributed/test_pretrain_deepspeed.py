@@ -16,7 +16,6 @@ DeepSpeed op is JIT-built on this path (see mtscale.dist._skip_cpu_shm_comm_buil
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import cpu_env, run_ok
 
 from mtscale.dist import free_port
 
@@ -36,12 +36,6 @@ CONFIG = ROOT / "configs" / "pretrain" / "tiny_cpu.yaml"
 BIN = Path(sys.executable).parent
 STEPS = 8  # length of every run here
 NUM_SAMPLES = 8  # = global batch: every step sees the whole (tiny) dataset
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _sets(store: Path, run_dir: Path, **extra: object) -> list[str]:
@@ -62,12 +56,6 @@ def _single(store: Path, run_dir: Path, **extra: object) -> list[str]:
 def _launcher(store: Path, run_dir: Path, nproc: int = 2, **extra: object) -> list[str]:
     return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
             str(ROOT / "mtscale" / "pretrain.py"), "--config", str(CONFIG), *_sets(store, run_dir, **extra)]
-
-
-def _run(cmd: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    assert p.returncode == 0, f"{' '.join(cmd)}\nexit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-    return p
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -104,7 +92,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Uninterrupted one-process run (python -m mtscale.pretrain)."""
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    _run(_single(store, run_dir))
+    run_ok(_single(store, run_dir))
     return run_dir
 
 
@@ -124,7 +112,7 @@ def test_zero_two_ranks_match_one_rank(stage: int, store: Path, reference: Path,
     extra: dict[str, object] = {"train.zero_stage": stage}
     if stage == 3:  # partition every parameter, even the small ones ZeRO-3 would keep whole
         extra["train.zero3_param_persistence_threshold"] = 0
-    _run(_launcher(store, run_dir, **extra))
+    run_ok(_launcher(store, run_dir, **extra))
     ref, got = _losses(reference), _losses(run_dir)
     assert sorted(got) == sorted(ref)
     for s in ref:
@@ -142,9 +130,9 @@ def test_rel_bias_under_zero3_matches_one_rank(store: Path, tmp_path: Path) -> N
     from mtscale.train.checkpoint import load_encoder
 
     one, two = tmp_path / "one", tmp_path / "zero3"
-    p1 = _run(_single(store, one, **{"model.rel_bias": True}))
-    p2 = _run(_launcher(store, two, **{"model.rel_bias": True, "train.zero_stage": 3,
-                                       "train.zero3_param_persistence_threshold": 0}))
+    p1 = run_ok(_single(store, one, **{"model.rel_bias": True}))
+    p2 = run_ok(_launcher(store, two, **{"model.rel_bias": True, "train.zero_stage": 3,
+                                         "train.zero3_param_persistence_threshold": 0}))
     # Issue 25, item 1: the weight-decay groups under ZeRO-3 (every parameter an empty partition)
     # are those of one process, decided on the full shapes (before: every parameter undecayed).
     wd1 = re.findall(r"weight decay \S+ on (\d+) tensors \((\d+) elements\), none on (\d+)", p1.stderr)
@@ -184,7 +172,7 @@ def _check_exported_encoder(run_dir: Path, reference: Path) -> None:
 
 def test_kill9_then_resume_reproduces_loss_curve(store: Path, reference: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "killed"
-    p = subprocess.Popen(_single(store, run_dir, **{"train.ckpt_every": 3}), env=_env(), cwd=ROOT,
+    p = subprocess.Popen(_single(store, run_dir, **{"train.ckpt_every": 3}), env=cpu_env(), cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     latest = run_dir / "checkpoints" / "latest"
     try:
@@ -200,7 +188,7 @@ def test_kill9_then_resume_reproduces_loss_curve(store: Path, reference: Path, t
     killed_at = latest.read_text().strip()
     assert killed_at.startswith("step") and int(killed_at[4:]) < STEPS
     assert not (run_dir / "status.json").exists()
-    _run(_single(store, run_dir, **{"train.ckpt_every": 3}))
+    run_ok(_single(store, run_dir, **{"train.ckpt_every": 3}))
     got, ref = _losses(run_dir), _losses(reference)
     assert sorted(got) == sorted(ref)
     for s in ref:
@@ -209,7 +197,7 @@ def test_kill9_then_resume_reproduces_loss_curve(store: Path, reference: Path, t
 
 def test_sigusr1_checkpoints_and_exits_cleanly(store: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "usr1"
-    p = subprocess.Popen(_single(store, run_dir, **{"train.max_steps": 100000}), env=_env(), cwd=ROOT,
+    p = subprocess.Popen(_single(store, run_dir, **{"train.max_steps": 100000}), env=cpu_env(), cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     try:
@@ -245,7 +233,7 @@ def test_two_nodes_on_loopback(store: Path, reference: Path, tmp_path: Path) -> 
                "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
                str(ROOT / "mtscale" / "pretrain.py"), "--config", str(CONFIG),
                *_sets(store, run_dir)]
-        procs.append(subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        procs.append(subprocess.Popen(cmd, env=cpu_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     try:
         outs = [p.communicate(timeout=400)[0] for p in procs]

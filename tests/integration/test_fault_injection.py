@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import cpu_env, run_ok
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -33,30 +34,20 @@ ROOT = Path(__file__).resolve().parents[2]
 SEEDS = (1, 2)
 
 
-def _env() -> dict[str, str]:
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
 def _cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "mtscale.cli", *args]
 
 
-def _run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, f"{' '.join(cmd[3:])}: exit {p.returncode}\n{p.stderr[-3000:]}"
-    return p
-
-
 def _timed(cmd: list[str]) -> float:
     t0 = time.perf_counter()
-    _run(cmd)
+    run_ok(cmd)
     return time.perf_counter() - t0
 
 
 def _kill_at(cmd: list[str], seconds: float) -> bool:
     """Start ``cmd`` in its own process group, SIGKILL the whole group after ``seconds`` (as a node
     failure would). True if it was still running when killed."""
-    p = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    p = subprocess.Popen(cmd, env=cpu_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
     try:
         p.wait(timeout=seconds)
@@ -90,7 +81,7 @@ def _kill_in_phase(cmd: list[str], run_dir: Path, phase: str, n_rows: int) -> No
 
     log = run_dir.parent / "killed_run.log"
     with log.open("w") as err:  # a file, not a pipe: a full pipe would stall the run
-        p = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+        p = subprocess.Popen(cmd, env=cpu_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
                              start_new_session=True)
 
     def wait_for(done) -> float:
@@ -118,7 +109,7 @@ def _kill_in_phase(cmd: list[str], run_dir: Path, phase: str, n_rows: int) -> No
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("faults") / "raw"
-    _run(_cmd("synth", "--out", str(d), "--num-samples", "96", "--num-classes", "4", "--seed", "5", "--quiet"))
+    run_ok(_cmd("synth", "--out", str(d), "--num-samples", "96", "--num-classes", "4", "--seed", "5", "--quiet"))
     return d
 
 
@@ -128,7 +119,7 @@ def _same_store(a: Path, b: Path) -> None:
     sa, sb = Store.open(str(a)), Store.open(str(b))
     assert sa.manifest.equals(sb.manifest)
     np.testing.assert_array_equal(sa.frames[:], sb.frames[:])
-    _run(_cmd("verify", str(b), "--quiet"))
+    run_ok(_cmd("verify", str(b), "--quiet"))
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +138,7 @@ def test_prepare_killed_anywhere_resumes_to_the_same_store(raw: Path, reference_
                "--workers", str(1 + seed % 2))
     _kill_at(cmd, _moment(seed, secs))
     if not out.exists():  # the store appears only complete (renamed from .partial), so: resume it
-        _run(cmd)
+        run_ok(cmd)
     _same_store(ref, out)
 
 
@@ -162,11 +153,11 @@ def test_full_disk_then_room_resumes_to_the_same_store(raw: Path, reference_stor
     try:
         cmd = _cmd("prepare", "--format", "ntu", "--input", str(raw), "--out", str(mnt / "store"), "--dtype",
                    "float32", "--quiet")
-        p = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        p = subprocess.run(cmd, env=cpu_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert p.returncode == 2 and "No space left on device" in p.stderr and "Traceback" not in p.stderr, p.stderr
         assert not (mnt / "store").exists()  # nothing half-visible
         subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
-        _run(cmd)
+        run_ok(cmd)
         _same_store(ref, mnt / "store")
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
@@ -187,7 +178,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def reference_pretrain(reference_store, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("ref_pretrain") / "run"
-    _run(_pretrain_cmd(reference_store[0], run_dir))
+    run_ok(_pretrain_cmd(reference_store[0], run_dir))
     return run_dir
 
 
@@ -198,7 +189,7 @@ def test_pretrain_killed_anywhere_resumes_to_the_same_curve(reference_store, ref
     run_dir = tmp_path / "run"
     cmd = _pretrain_cmd(reference_store[0], run_dir)
     _kill_in_phase(cmd, run_dir, phase, n_rows=12)
-    _run(cmd)
+    run_ok(cmd)
     got, want = _losses(run_dir), _losses(ref)
     assert sorted(got) == sorted(want) == list(range(1, 13))
     for s in want:
@@ -222,7 +213,7 @@ def _finetune_cmd(store: Path, run_dir: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def reference_finetune(reference_store, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("ref_finetune") / "run"
-    _run(_finetune_cmd(reference_store[0], run_dir))
+    run_ok(_finetune_cmd(reference_store[0], run_dir))
     return run_dir
 
 
@@ -235,7 +226,7 @@ def test_finetune_killed_anywhere_resumes_to_the_same_model(reference_store, ref
     run_dir = tmp_path / "run"
     cmd = _finetune_cmd(reference_store[0], run_dir)
     _kill_in_phase(cmd, run_dir, phase, n_rows=3)
-    _run(cmd)
+    run_ok(cmd)
     a, b = (json.loads((d / "results.json").read_text()) for d in (ref, run_dir))
     assert b["test_top1"] == pytest.approx(a["test_top1"], abs=1e-6)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -256,5 +247,5 @@ def test_truncated_artefacts_are_named_not_used(reference_store, reference_finet
     w = bad / "model.safetensors"
     w.write_bytes(w.read_bytes()[:64])
     p = subprocess.run(_cmd("evaluate", "--checkpoint", str(bad), "--store", str(reference_store[0])),
-                       env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+                       env=cpu_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "model.safetensors" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]

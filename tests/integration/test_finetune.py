@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support import cli
 
 from mtscale.config import FinetuneConfig, ModelConfig, load_config, to_dict
 from mtscale.errors import BadInputError, ConfigError
@@ -30,17 +31,12 @@ CONFIG = ROOT / "configs" / "finetune" / "tiny_cpu.yaml"
 FAST = ["epochs=2", "warmup_epochs=0.5", "run.progress=false", "run.tensorboard=false", "train.batch_size=16"]
 
 
-def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mtscale.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("ft")
-    r = _cli("synth", "--out", str(d / "raw"), "--num-samples", "160", "--num-classes", "4", "--seed", "3", "--quiet")
+    r = cli("synth", "--out", str(d / "raw"), "--num-samples", "160", "--num-classes", "4", "--seed", "3", "--quiet")
     assert r.returncode == 0, r.stderr
-    r = _cli("prepare", "--format", "ntu", "--input", str(d / "raw"), "--out", str(d / "store"), "--quiet")
+    r = cli("prepare", "--format", "ntu", "--input", str(d / "raw"), "--out", str(d / "store"), "--quiet")
     assert r.returncode == 0, r.stderr
     return str(d / "store")
 
@@ -467,12 +463,12 @@ def test_time_index_over_an_old_encoder_trains_and_evaluate_reproduces_it(store,
                for r in caplog.records)
     w = load_file(str(Path(out["final"]) / "model.safetensors"))["encoder.time_proj.weight"]
     assert w.abs().sum() > 0  # zero at init: moved, so the times reached it
-    r = _cli("evaluate", "--checkpoint", str(out["final"]), "--store", store, "--split", "xsub60", "--json",
-             "--quiet")
+    r = cli("evaluate", "--checkpoint", str(out["final"]), "--store", store, "--split", "xsub60", "--json",
+            "--quiet")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["top1"] == pytest.approx(out["test_top1"], abs=1e-6)
     raw = sorted((Path(store).parent / "raw").glob("*.skeleton"))[:2]
-    r = _cli("predict", "--checkpoint", str(out["final"]), *map(str, raw), "--json")  # its clips carry times too
+    r = cli("predict", "--checkpoint", str(out["final"]), *map(str, raw), "--json")  # its clips carry times too
     assert r.returncode == 0 and len(json.loads(r.stdout)) == 2, r.stderr[-2000:]
     # a linear probe freezes the encoder, so an added projection would stay at zero: refused, named
     with pytest.raises(ConfigError, match="time_index=True added over the pre-trained encoder with protocol linear"):
@@ -482,9 +478,9 @@ def test_time_index_over_an_old_encoder_trains_and_evaluate_reproduces_it(store,
 
 def test_cli_finetune_seeds_and_evaluate(store, encoder_file, tmp_path):
     run = tmp_path / "cli"
-    r = _cli("finetune", "--config", str(CONFIG), "--pretrained", str(encoder_file), "--seeds", "0,1", "--json",
-             "--set", f"data.store={store}", "--set", f"run.dir={run}", *[x for s in FAST for x in ("--set", s)],
-             "--set", "epochs=1", timeout=600)
+    r = cli("finetune", "--config", str(CONFIG), "--pretrained", str(encoder_file), "--seeds", "0,1", "--json",
+            "--set", f"data.store={store}", "--set", f"run.dir={run}", *[x for s in FAST for x in ("--set", s)],
+            "--set", "epochs=1", timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     assert out["seeds"] == [0, 1] and len(out["runs"]) == 2
@@ -492,13 +488,13 @@ def test_cli_finetune_seeds_and_evaluate(store, encoder_file, tmp_path):
     assert out["test_top1_mean"] == pytest.approx(np.mean(accs))
     assert out["test_top1_std"] == pytest.approx(np.std(accs, ddof=1))
     assert "±" in (run / "results.md").read_text() or accs[0] == accs[1]
-    r = _cli("evaluate", "--checkpoint", str(run / "seed1" / "final"), "--store", store, "--split", "xsub60",
-             "--json", "--quiet")
+    r = cli("evaluate", "--checkpoint", str(run / "seed1" / "final"), "--store", store, "--split", "xsub60",
+            "--json", "--quiet")
     assert r.returncode == 0, r.stderr[-2000:]
     ev = json.loads(r.stdout)
     assert ev["top1"] == pytest.approx(out["runs"][1]["test_top1"], abs=1e-6)
     assert Path(ev["confusion_png"]).is_file() and Path(ev["confusion_csv"]).is_file()
-    r = _cli("finetune", "--config", str(CONFIG), "--set", f"data.store={store}", "--set", "protocol=semi")
+    r = cli("finetune", "--config", str(CONFIG), "--set", f"data.store={store}", "--set", "protocol=semi")
     assert r.returncode == 2 and "label_fraction" in r.stderr and "Traceback" not in r.stderr
 
 

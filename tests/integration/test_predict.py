@@ -4,12 +4,11 @@ data (real synth -> prepare -> finetune), and its errors."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support import cli
 
 from mtscale.config import FinetuneConfig, load_config
 from mtscale.data.formats.ntu import CLASS_NAMES
@@ -18,16 +17,11 @@ from mtscale.train.finetune import run_finetune
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mtscale.cli", *args], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("predict")
-    assert _cli("synth", "--out", str(d / "raw"), "--num-samples", "80", "--num-classes", "4", "--quiet").returncode == 0
-    r = _cli("prepare", "--format", "ntu", "--input", str(d / "raw"), "--out", str(d / "store"), "--quiet")
+    assert cli("synth", "--out", str(d / "raw"), "--num-samples", "80", "--num-classes", "4", "--quiet").returncode == 0
+    r = cli("prepare", "--format", "ntu", "--input", str(d / "raw"), "--out", str(d / "store"), "--quiet")
     assert r.returncode == 0, r.stderr
     cfg = load_config(FinetuneConfig, ROOT / "configs" / "finetune" / "tiny_cpu.yaml", [
         f"data.store={d / 'store'}", f"run.dir={d / 'run'}", "protocol=scratch", "epochs=1", "run.progress=false",
@@ -40,7 +34,7 @@ def checkpoint(tmp_path_factory) -> Path:
 def test_predict_real_ntu_files(checkpoint, ntu_dir):
     files = sorted(str(p) for p in Path(ntu_dir).glob("*.skeleton"))
     assert len(files) == 5
-    r = _cli("predict", "--checkpoint", str(checkpoint), "--json", "--topk", "1000", *files)
+    r = cli("predict", "--checkpoint", str(checkpoint), "--json", "--topk", "1000", *files)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(r.stdout)
     assert [row["file"] for row in rows] == files  # one row per file, in order
@@ -55,7 +49,7 @@ def test_predict_real_ntu_files(checkpoint, ntu_dir):
     by_id = {row["sample_id"]: row for row in rows}
     assert by_id["S001C001P001R001A001"]["true_label"] == 0 and by_id["S001C001P001R001A050"]["true_label"] == 49
     # table output: a header + one line per file
-    r = _cli("predict", "--checkpoint", str(checkpoint / "final"), *files[:2])
+    r = cli("predict", "--checkpoint", str(checkpoint / "final"), *files[:2])
     assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 3
     assert "S001C001P001R001A001.skeleton" in r.stdout
 
@@ -83,9 +77,9 @@ def test_predict_matches_the_evaluation_clip(checkpoint, tmp_path):
 @pytest.mark.realdata
 def test_predict_errors_are_one_line(checkpoint, ucla_dir):
     f = sorted(Path(ucla_dir).glob("*.json"))[0]
-    r = _cli("predict", "--checkpoint", str(checkpoint), str(f))
+    r = cli("predict", "--checkpoint", str(checkpoint), str(f))
     assert r.returncode == 2 and "kinect_v1_20" in r.stderr and "Traceback" not in r.stderr
-    r = _cli("predict", "--checkpoint", str(checkpoint.parent / "nope"), str(f))
+    r = cli("predict", "--checkpoint", str(checkpoint.parent / "nope"), str(f))
     assert r.returncode == 2 and "no classifier checkpoint" in r.stderr
 
 
@@ -100,15 +94,15 @@ def test_predict_on_a_generic_folder_names_each_sample(tmp_path):
         np.save(d / f"s{i}.npy", (rng.normal(size=(20, 25, 3)) * 0.1 + (i % 2)).astype(np.float32))
         rows.append(f"s{i},{i % 2}")
     (d / "labels.csv").write_text("\n".join(rows) + "\n")
-    r = _cli("prepare", "--format", "generic", "--input", str(d), "--layout", "ntu25", "--out", str(tmp_path / "st"),
-             "--quiet")
+    r = cli("prepare", "--format", "generic", "--input", str(d), "--layout", "ntu25", "--out", str(tmp_path / "st"),
+            "--quiet")
     assert r.returncode == 0, r.stderr
     cfg = load_config(FinetuneConfig, ROOT / "configs" / "finetune" / "tiny_cpu.yaml", [
         f"data.store={tmp_path / 'st'}", f"run.dir={tmp_path / 'run'}", "protocol=scratch", "epochs=1",
         "run.progress=false", "run.tensorboard=false", "train.batch_size=8", "keep_best=false", "test_part=null",
         "data.split=null", "data.num_bodies=1", "val_fraction=0.0", "val_group=null"])
     run_finetune(cfg)
-    r = _cli("predict", "--checkpoint", str(tmp_path / "run"), "--format", "generic", str(d), "--json")
+    r = cli("predict", "--checkpoint", str(tmp_path / "run"), "--format", "generic", str(d), "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert sorted(Path(x["file"]).name for x in out) == sorted(f"s{i}.npy" for i in range(24))

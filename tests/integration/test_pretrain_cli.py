@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support import cpu_env
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "pretrain" / "tiny_cpu.yaml"
 MTSCALE = Path(sys.executable).parent / "mtscale"
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="2")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +33,7 @@ def test_mtscale_pretrain_one_process(store: Path, tmp_path: Path) -> None:
     cmd = [str(MTSCALE), "pretrain", "--config", str(CONFIG), "--set", f"data.store={store}",
            "--set", f"run.dir={run_dir}", "--set", "train.max_steps=4", "--set", "train.ckpt_every=2",
            "--set", "train.keep_checkpoints=1"]
-    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    p = subprocess.run(cmd, env=cpu_env(threads=2), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-4000:]
     for name in ("config.yaml", "ds_config.json", "metrics.jsonl", "loss.png", "encoder.safetensors",
                  "encoder.json", "status.json"):
@@ -64,7 +60,7 @@ def test_mtscale_pretrain_one_process(store: Path, tmp_path: Path) -> None:
 
     # rerun with a higher max_steps: resumes from step 4 instead of starting over
     p = subprocess.run(cmd[:-6] + ["--set", "train.max_steps=5", "--set", "train.ckpt_every=2", "--set",
-                                   "train.keep_checkpoints=1"], env=_env(), capture_output=True, text=True,
+                                   "train.keep_checkpoints=1"], env=cpu_env(threads=2), capture_output=True, text=True,
                        timeout=300, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-4000:]
     assert "resuming at step 4" in p.stderr
@@ -73,7 +69,7 @@ def test_mtscale_pretrain_one_process(store: Path, tmp_path: Path) -> None:
 
 
 def test_missing_store_is_one_line_error(tmp_path: Path) -> None:
-    p = subprocess.run([str(MTSCALE), "pretrain", "--config", str(CONFIG)], env=_env(), capture_output=True,
+    p = subprocess.run([str(MTSCALE), "pretrain", "--config", str(CONFIG)], env=cpu_env(threads=2), capture_output=True,
                        text=True, timeout=120, cwd=tmp_path)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith("mtscale pretrain: error: data.store: empty")
@@ -82,14 +78,14 @@ def test_missing_store_is_one_line_error(tmp_path: Path) -> None:
 
 def test_bad_override_is_one_line_error(tmp_path: Path) -> None:
     p = subprocess.run([str(MTSCALE), "pretrain", "--config", str(CONFIG), "--set", "train.zero_stage=5"],
-                       env=_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                       env=cpu_env(threads=2), capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert p.returncode == 2 and "train.zero_stage: found 5" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_script_entry_accepts_local_rank_and_prints_config(tmp_path: Path) -> None:
     """``deepspeed mtscale/pretrain.py`` runs the file as a script with ``--local_rank``."""
     p = subprocess.run([sys.executable, str(ROOT / "mtscale" / "pretrain.py"), "--local_rank=0", "--config",
-                        str(CONFIG), "--set", "train.zero_stage=2", "--print-config"], env=_env(),
+                        str(CONFIG), "--set", "train.zero_stage=2", "--print-config"], env=cpu_env(threads=2),
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert '"stage": 2' in p.stdout and "gradient_clipping" in p.stdout
@@ -100,7 +96,7 @@ def _pretrain(store: Path, run_dir: Path, *sets: str) -> subprocess.CompletedPro
            "--set", f"run.dir={run_dir}", "--set", "run.tensorboard=false", "--set", "run.progress=false"]
     for s in sets:
         cmd += ["--set", s]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=run_dir.parent)
+    return subprocess.run(cmd, env=cpu_env(threads=2), capture_output=True, text=True, timeout=600, cwd=run_dir.parent)
 
 
 def test_model_compile_is_never_silently_ignored(store: Path, tmp_path: Path) -> None:
@@ -142,11 +138,11 @@ def test_empty_or_foreign_run_dir_is_refused(store: Path, tmp_path: Path) -> Non
     for run_dir in ("", "."):
         cmd = [str(MTSCALE), "pretrain", "--config", str(CONFIG), "--set", f"data.store={store}",
                "--set", f"run.dir={run_dir}", "--set", "train.max_steps=1"]
-        p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=work)
+        p = subprocess.run(cmd, env=cpu_env(threads=2), capture_output=True, text=True, timeout=300, cwd=work)
         assert p.returncode == 2 and "run.dir: found" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
     p = subprocess.run([str(MTSCALE), "pretrain", "--config", str(CONFIG), "--set", f"data.store={store}",
                         "--set", f"run.dir={work}", "--set", "train.max_steps=1"],
-                       env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                       env=cpu_env(threads=2), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert p.returncode == 2 and "not an mtscale run" in p.stderr, p.stderr[-2000:]
     assert sorted(x.name for x in work.iterdir()) == ["config.yaml", "notes.txt"]
     assert (work / "config.yaml").read_text() == "mine: 1\n"

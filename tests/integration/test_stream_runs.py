@@ -8,14 +8,12 @@ The store comes from the real ``mtscale synth`` + ``mtscale prepare``; the model
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from support import cli
 
 from mtscale.config import FinetuneConfig, ModelConfig, load_config, to_dict
 from mtscale.errors import ConfigError
@@ -31,11 +29,6 @@ FAST = ["epochs=1", "warmup_epochs=0.5", "run.progress=false", "run.tensorboard=
         "keep_best=false"]
 
 
-def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mtscale.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
-
-
 def _cfg(store: str, run_dir: Path, *sets: str) -> FinetuneConfig:
     return load_config(FinetuneConfig, CONFIG, [f"data.store={store}", f"run.dir={run_dir}", *FAST, *sets])
 
@@ -43,9 +36,9 @@ def _cfg(store: str, run_dir: Path, *sets: str) -> FinetuneConfig:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("streams")
-    r = _cli("synth", "--out", str(d / "raw"), "--num-samples", "96", "--num-classes", "4", "--seed", "5", "--quiet")
+    r = cli("synth", "--out", str(d / "raw"), "--num-samples", "96", "--num-classes", "4", "--seed", "5", "--quiet")
     assert r.returncode == 0, r.stderr
-    r = _cli("prepare", "--format", "ntu", "--input", str(d / "raw"), "--out", str(d / "store"), "--quiet")
+    r = cli("prepare", "--format", "ntu", "--input", str(d / "raw"), "--out", str(d / "store"), "--quiet")
     assert r.returncode == 0, r.stderr
     return str(d / "store")
 
@@ -108,9 +101,9 @@ def test_evaluate_reapplies_the_recorded_stream_and_saves_scores(runs, store, tm
     from mtscale.train.runtime import setup_runtime
 
     run = runs["bone_motion"]
-    r = _cli("evaluate", "--checkpoint", str(run), "--store", store, "--split", "xsub60", "--part", "test",
-             "--save-scores", "--out", str(tmp_path / "ev"), "--json", "--quiet",
-             "--precision", "fp32")  # as the run was trained (tiny_cpu): auto may pick bf16 on an AMX CPU
+    r = cli("evaluate", "--checkpoint", str(run), "--store", store, "--split", "xsub60", "--part", "test",
+            "--save-scores", "--out", str(tmp_path / "ev"), "--json", "--quiet",
+            "--precision", "fp32")  # as the run was trained (tiny_cpu): auto may pick bf16 on an AMX CPU
     assert r.returncode == 0, r.stderr[-2000:]
     ev = json.loads(r.stdout)
     assert ev["stream"] == "bone_motion" and ev["scores"] == str(tmp_path / "ev" / "scores_test.parquet")
@@ -148,11 +141,11 @@ def test_evaluate_auto_precision_is_the_one_the_checkpoint_was_trained_in(runs, 
     copy = tmp_path / "final"
     shutil.copytree(run / "final", copy)
     (copy / "meta.json").write_text(json.dumps(dict(meta, precision="bf16")))
-    r = _cli("evaluate", "--checkpoint", str(copy), "--store", store, "--split", "xsub60", "--json", "--quiet")
+    r = cli("evaluate", "--checkpoint", str(copy), "--store", store, "--split", "xsub60", "--json", "--quiet")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "precision auto -> bf16 (as the checkpoint was trained on cpu)" in r.stderr, r.stderr[-2000:]
-    r = _cli("evaluate", "--checkpoint", str(copy), "--store", store, "--split", "xsub60", "--json", "--quiet",
-             "--precision", "fp32")  # an explicit choice wins
+    r = cli("evaluate", "--checkpoint", str(copy), "--store", store, "--split", "xsub60", "--json", "--quiet",
+            "--precision", "fp32")  # an explicit choice wins
     assert r.returncode == 0 and "as the checkpoint was trained" not in r.stderr, r.stderr[-2000:]
 
 
@@ -179,9 +172,9 @@ def test_pretraining_records_the_stream(store, tmp_path):
     """A real (4-step) pre-training on two streams: the exported encoder says so, reads 6
     channels, and fine-tuning it on that stream needs no flag."""
     run = tmp_path / "pre"
-    r = _cli("pretrain", "--config", str(ROOT / "configs" / "pretrain" / "tiny_cpu.yaml"), "--set",
-             f"data.store={store}", "--set", f"run.dir={run}", "--set", "train.max_steps=4", "--set",
-             "data.stream=joint+bone_motion", "--set", "run.progress=false", timeout=600)
+    r = cli("pretrain", "--config", str(ROOT / "configs" / "pretrain" / "tiny_cpu.yaml"), "--set",
+            f"data.store={store}", "--set", f"run.dir={run}", "--set", "train.max_steps=4", "--set",
+            "data.stream=joint+bone_motion", "--set", "run.progress=false", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     meta = json.loads((run / "encoder.json").read_text())
     assert meta["stream"] == "joint+bone_motion" and meta["in_chans"] == 6
@@ -195,8 +188,8 @@ def test_pretraining_records_the_stream(store, tmp_path):
 
 
 def test_ensemble_of_two_stream_runs_and_a_refused_one(runs, store, tmp_path):
-    r = _cli("ensemble", str(runs["joint"]), str(runs["bone_motion"]), "--split", "test", "--out",
-             str(tmp_path / "ens"), "--json")
+    r = cli("ensemble", str(runs["joint"]), str(runs["bone_motion"]), "--split", "test", "--out",
+            str(tmp_path / "ens"), "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     assert res["streams"] == ["joint", "bone_motion"] and sum(res["weights"]) == pytest.approx(1.0)
@@ -209,7 +202,7 @@ def test_ensemble_of_two_stream_runs_and_a_refused_one(runs, store, tmp_path):
     # another validation hold-out (subset_seed): its validation scores are on other samples -> refused
     other = tmp_path / "seed7"
     run_finetune(_cfg(store, other, "protocol=scratch", "data.subset_seed=7"))
-    r = _cli("ensemble", str(runs["joint"]), str(other), "--split", "test", "--out", str(tmp_path / "x"))
+    r = cli("ensemble", str(runs["joint"]), str(other), "--split", "test", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "validation scores: sample" in r.stderr and "expected runs scored on the same samples" in r.stderr
 
@@ -220,20 +213,20 @@ def test_predict_on_raw_ntu_files_equals_evaluate_for_all_four_streams(ntu_dir, 
     the real NTU files: ``predict`` on the raw files gives the probabilities ``evaluate
     --save-scores`` gives for the same samples (both apply the recorded stream)."""
     st = tmp_path / "ntu"
-    r = _cli("prepare", "--format", "ntu", "--input", str(ntu_dir), "--out", str(st), "--dtype", "float32",
-             "--quiet")
+    r = cli("prepare", "--format", "ntu", "--input", str(ntu_dir), "--out", str(st), "--dtype", "float32",
+            "--quiet")
     assert r.returncode == 0, r.stderr
     stream = "joint+bone+joint_motion+bone_motion"
     res = run_finetune(_cfg(str(st), tmp_path / "run", "protocol=scratch", f"data.stream={stream}", "data.split=null",
                             "val_fraction=0", "test_part=null", "train.batch_size=4"))
     assert read_meta(Path(res["final"]))["in_chans"] == 12
-    r = _cli("evaluate", "--checkpoint", str(tmp_path / "run"), "--store", str(st), "--save-scores", "--out",
-             str(tmp_path / "ev"), "--json", "--quiet")
+    r = cli("evaluate", "--checkpoint", str(tmp_path / "run"), "--store", str(st), "--save-scores", "--out",
+            str(tmp_path / "ev"), "--json", "--quiet")
     assert r.returncode == 0, r.stderr[-2000:]
     ev = read_scores(json.loads(r.stdout)["scores"])
     assert ev.stream == stream and len(ev.sample_ids) == 5
     files = sorted(str(p) for p in Path(ntu_dir).glob("*.skeleton"))
-    r = _cli("predict", "--checkpoint", str(tmp_path / "run"), "--json", "--topk", "1000", *files)
+    r = cli("predict", "--checkpoint", str(tmp_path / "run"), "--json", "--topk", "1000", *files)
     assert r.returncode == 0, r.stderr[-2000:]
     by_id = {sid: p for sid, p in zip(ev.sample_ids.tolist(), ev.scores_NK)}
     for row in json.loads(r.stdout):
