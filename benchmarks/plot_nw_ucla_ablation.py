@@ -2,8 +2,10 @@
 pre-trained + fine-tuned, one dot per seed and a bar at the mean, against the reference ST-GCN
 and the issue's targets (benchmarks/README.md has the tables, commands and CPU times).
 
-The run directories are not kept, so the measured values are recorded here; rerun the commands
-in benchmarks/README.md to reproduce them, then re-draw:
+The run directories are not kept, so the measured values are recorded here (rows marked AMD EPYC
+ran on that CPU, the others on their session's machine, named in benchmarks/README.md: the same
+seed gives other numbers on another CPU); rerun the commands in benchmarks/README.md to reproduce
+them, then re-draw:
 
     python benchmarks/plot_nw_ucla_ablation.py --out benchmarks/nw_ucla_ablation.png
 
@@ -18,6 +20,7 @@ import argparse
 from pathlib import Path
 
 # (label, test top-1 per seed 0, 1, 2 as measured), top to bottom
+CTR_FEEDER = [89.0, 88.8]
 SCRATCH = [
     ("baseline (patch tokens, per-joint head)", [81.9, 83.0]),
     ("+ temporal conv 3 + joint mixing (adjacency)", [83.2, 81.9]),
@@ -27,6 +30,12 @@ SCRATCH = [
     ("+ time index (time_index=true)", [86.6, 86.6, 84.9]),
     ("+ graph stem, 3 blocks x 64 (graph_stem=3)", [88.8, 88.6]),
     ("+ graph stem, 6 blocks x 64 (graph_stem=6)", [90.5, 88.8, 88.8]),
+    ("... the same on an AMD EPYC (other CPU, other numbers)", [89.7, 89.4]),
+    ("... all 1,020 training clips (AMD EPYC)", [89.2, 91.4, 87.1]),
+    ("... 52-frame clips (AMD EPYC)", [87.3]),
+    ("... CTR-GCN's feeder: raw store, rotation xy 60, min-max (AMD EPYC)", CTR_FEEDER),
+    ("... stem in ST-GCN's pyramid shape, 32-64-128 strided (AMD EPYC)", [89.7]),
+    ("... mean head instead of the per-joint head (AMD EPYC)", [84.1]),
     ("time index alone (default crop + resample)", [86.4, 83.8]),
     ("CTR-GCN's feeder (raw store, rotation xy 60, min-max, T 52) + both", [85.3]),
     ("seed paper: frame tokens, mean head", [77.6]),
