@@ -201,6 +201,9 @@ class ModelConfig:
         if self.graph_stem < 0 or self.graph_stem_width < 1:
             raise ConfigError(f"model.graph_stem / graph_stem_width: found {self.graph_stem} / "
                               f"{self.graph_stem_width}, expected >= 0 blocks and a width >= 1")
+        if self.graph_stem_pyramid and not self.graph_stem:
+            raise ConfigError("model.graph_stem_pyramid: found true with graph_stem 0, expected graph_stem >= 1 "
+                              "(the pyramid shapes the stem's blocks)")
         if not 0.0 <= self.attn_drop < 1.0:
             raise ConfigError(f"model.attn_drop: found {self.attn_drop}, expected in [0, 1)")
         if self.tokenization not in ("frame", "patch"):

@@ -441,6 +441,8 @@ def test_graph_stem_pyramid_shape_and_parameter_count() -> None:
     plain = sum(p.numel() for p in enc().parameters())
     assert sum(p.numel() for p in e.parameters()) - plain == 2 * V * C + blocks + (4 * W * D + D)
     assert e.stem_tokens(x_batch()).shape == (N * M, (T // 4) * V, D)
+    with pytest.raises(ConfigError, match="graph_stem_pyramid: found true with graph_stem 0"):
+        ModelConfig(graph_stem_pyramid=True)
     for bad in (dict(graph_stem=2), dict(graph_stem=3, patch_frames=3)):
         with pytest.raises(ConfigError, match="graph_stem_pyramid"):
             pf = bad.pop("patch_frames", 4)
