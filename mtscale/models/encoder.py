@@ -120,7 +120,6 @@ class MotionTransformer(nn.Module):
         # ST-GCN stem on the full-rate clip, added to the token embeddings (zero at init); without
         # the layout's tree (a model about to load its weights) its adjacency starts as the identity
         self.graph_stem, self.graph_stem_width = graph_stem, graph_stem_width
-        self.graph_stem_pyramid = graph_stem_pyramid
         self.stem = GraphStem(in_chans, graph_stem_width, graph_stem, dim, num_joints, patch_frames,
                               normalized_adjacency(tuple(parents)) if parents is not None else None,
                               pyramid=graph_stem_pyramid) if graph_stem else None
