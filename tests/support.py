@@ -19,6 +19,11 @@ def cpu_env(threads: int = 1, **extra: str) -> dict[str, str]:
     return env
 
 
+def mtscale_cmd(*args: object) -> list[str]:
+    """``python -m mtscale.cli ARGS`` as a command list (items made strings)."""
+    return [sys.executable, "-m", "mtscale.cli", *map(str, args)]
+
+
 def run_ok(cmd: list, *, timeout: float = 600, cwd: Path = ROOT, env: dict[str, str] | None = None
            ) -> subprocess.CompletedProcess:
     """Run ``cmd`` (items made strings) and assert exit 0, with the command and its output's tails."""
@@ -30,5 +35,5 @@ def run_ok(cmd: list, *, timeout: float = 600, cwd: Path = ROOT, env: dict[str, 
 
 def cli(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m mtscale.cli ARGS`` from the repository root, any exit status (the caller checks)."""
-    return subprocess.run([sys.executable, "-m", "mtscale.cli", *map(str, args)], env=cpu_env(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(mtscale_cmd(*args), env=cpu_env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)

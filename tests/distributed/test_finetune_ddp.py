@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import run_ok
+from support import mtscale_cmd, run_ok
 
 from mtscale.train.scores import read_scores
 
@@ -31,9 +31,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     from mtscale.dist import free_port
 
     d = tmp_path_factory.mktemp("ddp")
-    cli = [sys.executable, "-m", "mtscale.cli"]
-    run_ok([*cli, "synth", "--out", d / "raw", "--num-samples", "160", "--num-classes", "4", "--seed", "3", "--quiet"])
-    run_ok([*cli, "prepare", "--format", "ntu", "--input", d / "raw", "--out", d / "store", "--quiet"])
+    run_ok(mtscale_cmd("synth", "--out", d / "raw", "--num-samples", "160", "--num-classes", "4", "--seed", "3", "--quiet"))
+    run_ok(mtscale_cmd("prepare", "--format", "ntu", "--input", d / "raw", "--out", d / "store", "--quiet"))
     sets = ["protocol=scratch", "epochs=2", "warmup_epochs=0.5", "train.batch_size=16", "pool=joint",
             "head_hidden=64", "model.graph_stem=2", "model.graph_stem_width=16", "run.progress=false",
             "run.tensorboard=false", f"data.store={d / 'store'}", f"run.dir={d / 'run'}"]
@@ -66,8 +65,8 @@ def test_validation_scores_the_saved_statistics(run) -> None:
 def test_evaluate_on_one_process_reproduces_the_test_top1(run) -> None:
     run_dir, store, _ = run
     res = json.loads((run_dir / "results.json").read_text())
-    out = run_ok([sys.executable, "-m", "mtscale.cli", "evaluate", "--checkpoint", run_dir / "final", "--store", store,
-                  "--split", "xsub60", "--json", "--quiet"]).stdout
+    out = run_ok(mtscale_cmd("evaluate", "--checkpoint", run_dir / "final", "--store", store, "--split", "xsub60",
+                             "--json", "--quiet")).stdout
     got = json.loads(out)
     assert got["num_samples"] == res["test"]
     assert got["top1"] == pytest.approx(res["test_top1"], abs=1e-6)

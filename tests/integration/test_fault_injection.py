@@ -20,22 +20,17 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from support import cpu_env, run_ok
+from support import cpu_env, mtscale_cmd, run_ok
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[2]
 SEEDS = (1, 2)
-
-
-def _cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mtscale.cli", *args]
 
 
 def _timed(cmd: list[str]) -> float:
@@ -109,7 +104,7 @@ def _kill_in_phase(cmd: list[str], run_dir: Path, phase: str, n_rows: int) -> No
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("faults") / "raw"
-    run_ok(_cmd("synth", "--out", str(d), "--num-samples", "96", "--num-classes", "4", "--seed", "5", "--quiet"))
+    run_ok(mtscale_cmd("synth", "--out", str(d), "--num-samples", "96", "--num-classes", "4", "--seed", "5", "--quiet"))
     return d
 
 
@@ -119,14 +114,14 @@ def _same_store(a: Path, b: Path) -> None:
     sa, sb = Store.open(str(a)), Store.open(str(b))
     assert sa.manifest.equals(sb.manifest)
     np.testing.assert_array_equal(sa.frames[:], sb.frames[:])
-    run_ok(_cmd("verify", str(b), "--quiet"))
+    run_ok(mtscale_cmd("verify", str(b), "--quiet"))
 
 
 @pytest.fixture(scope="module")
 def reference_store(raw: Path) -> tuple[Path, float]:
     out = raw.parent / "ref_store"
-    secs = _timed(_cmd("prepare", "--format", "ntu", "--input", str(raw), "--out", str(out), "--dtype", "float32",
-                       "--quiet"))
+    secs = _timed(mtscale_cmd("prepare", "--format", "ntu", "--input", str(raw), "--out", str(out), "--dtype", "float32",
+                              "--quiet"))
     return out, secs
 
 
@@ -134,8 +129,8 @@ def reference_store(raw: Path) -> tuple[Path, float]:
 def test_prepare_killed_anywhere_resumes_to_the_same_store(raw: Path, reference_store, tmp_path: Path, seed: int):
     ref, secs = reference_store
     out = tmp_path / "store"
-    cmd = _cmd("prepare", "--format", "ntu", "--input", str(raw), "--out", str(out), "--dtype", "float32", "--quiet",
-               "--workers", str(1 + seed % 2))
+    cmd = mtscale_cmd("prepare", "--format", "ntu", "--input", str(raw), "--out", str(out), "--dtype", "float32", "--quiet",
+                      "--workers", str(1 + seed % 2))
     _kill_at(cmd, _moment(seed, secs))
     if not out.exists():  # the store appears only complete (renamed from .partial), so: resume it
         run_ok(cmd)
@@ -151,8 +146,8 @@ def test_full_disk_then_room_resumes_to_the_same_store(raw: Path, reference_stor
                                            capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (not root?)")
     try:
-        cmd = _cmd("prepare", "--format", "ntu", "--input", str(raw), "--out", str(mnt / "store"), "--dtype",
-                   "float32", "--quiet")
+        cmd = mtscale_cmd("prepare", "--format", "ntu", "--input", str(raw), "--out", str(mnt / "store"), "--dtype",
+                          "float32", "--quiet")
         p = subprocess.run(cmd, env=cpu_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert p.returncode == 2 and "No space left on device" in p.stderr and "Traceback" not in p.stderr, p.stderr
         assert not (mnt / "store").exists()  # nothing half-visible
@@ -167,8 +162,8 @@ def _pretrain_cmd(store: Path, run_dir: Path) -> list[str]:
     sets = {"data.store": store, "run.dir": run_dir, "train.max_steps": 12, "train.ckpt_every": 2,
             "train.keep_checkpoints": 2, "train.log_every": 1, "run.progress": "false", "run.tensorboard": "false",
             "data.num_workers": 1, "train.precision": "fp32"}  # fp32: two separate starts must not measure apart
-    return _cmd("pretrain", "--config", str(ROOT / "configs" / "pretrain" / "tiny_cpu.yaml"),
-                *sum((["--set", f"{k}={v}"] for k, v in sets.items()), []))
+    return mtscale_cmd("pretrain", "--config", str(ROOT / "configs" / "pretrain" / "tiny_cpu.yaml"),
+                       *sum((["--set", f"{k}={v}"] for k, v in sets.items()), []))
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -206,8 +201,8 @@ def _finetune_cmd(store: Path, run_dir: Path) -> list[str]:
     sets = ["protocol=scratch", "epochs=3", "warmup_epochs=0.5", "train.batch_size=16",
             "train.precision=fp32", "run.progress=false",  # fp32: reference and killed run must not measure apart
             "run.tensorboard=false", f"data.store={store}", f"run.dir={run_dir}"]
-    return _cmd("finetune", "--config", str(ROOT / "configs" / "finetune" / "tiny_cpu.yaml"),
-                *sum((["--set", s] for s in sets), []))
+    return mtscale_cmd("finetune", "--config", str(ROOT / "configs" / "finetune" / "tiny_cpu.yaml"),
+                       *sum((["--set", s] for s in sets), []))
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +241,6 @@ def test_truncated_artefacts_are_named_not_used(reference_store, reference_finet
     shutil.copytree(ref / "final", bad)
     w = bad / "model.safetensors"
     w.write_bytes(w.read_bytes()[:64])
-    p = subprocess.run(_cmd("evaluate", "--checkpoint", str(bad), "--store", str(reference_store[0])),
+    p = subprocess.run(mtscale_cmd("evaluate", "--checkpoint", str(bad), "--store", str(reference_store[0])),
                        env=cpu_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "model.safetensors" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
