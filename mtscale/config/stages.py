@@ -122,6 +122,12 @@ class FinetuneConfig:
     None = single samples."""
     val_part: str | None = None
     """Use this value of the split column (e.g. ``val``) as validation instead of a held-out share."""
+    val_where: str | None = None
+    """Validate on the training part's rows matching this manifest filter (``data.where``'s syntax)
+    instead of a held-out share; they leave training. ``"view == 2"`` on NW-UCLA's views 1+2 is a
+    cross-view hold-out: the model trains on view 1 and is judged on a camera it never saw, as the
+    test view judges the final model (the whole-take ``val_group`` hold-out only measures new takes
+    from the training cameras). ``val_fraction`` / ``val_group`` are then ignored."""
     test_part: str | None = "test"
     """Value of the split column evaluated after the last epoch (None = no test evaluation)."""
     eval_clips: int = 1
@@ -164,6 +170,9 @@ class FinetuneConfig:
             raise ConfigError(f"mixup: found {self.mixup}, expected >= 0")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction: found {self.val_fraction}, expected in [0, 1)")
+        if self.val_where is not None and self.val_part is not None:
+            raise ConfigError(f"val_where: found {self.val_where!r} together with val_part {self.val_part!r}, "
+                              "expected one of them")
         if self.val_group is not None and not self.val_group:
             raise ConfigError("val_group: found an empty list, expected manifest column names (or null)")
         if self.eval_clips < 1:

@@ -75,8 +75,8 @@ def load_input(arg: str | Path, part: str) -> Scores:
     """The ``part`` scores of one input; a missing file is a one-line error saying where they come from."""
     f = scores_path(arg, part)
     if not f.is_file():
-        how = ("a fine-tuning run with a validation hold-out (val_fraction > 0 or val_part) writes them; or give "
-               "--weights w1,w2,...") if part == "val" else \
+        how = ("a fine-tuning run with a validation hold-out (val_fraction > 0, val_where or val_part) writes "
+               "them; or give --weights w1,w2,...") if part == "val" else \
             "a fine-tuning run writes scores_val/scores_test.parquet into final/; mtscale evaluate --save-scores " \
             "writes scores_<part>.parquet"
         raise BadInputError(str(arg), None, f"no {f.name} (looked for {f})", f"per-sample scores ({how})")
@@ -99,7 +99,7 @@ def align(runs: list[Scores], what: str) -> tuple[list[Scores], np.ndarray, np.n
                      f"sample {only_b[0]!r} is in {r.path} but not in {ref.path}" if only_b else
                      f"{r.path} repeats a sample")
             raise ConfigError(f"{what}: {first} ({len(ref.sample_ids)} vs {len(r.sample_ids)} samples); expected "
-                              "runs scored on the same samples (same store, split, subset_seed / val_group)")
+                              "runs scored on the same samples (same store, split, subset_seed / val_group / val_where)")
         bad = np.flatnonzero(r.labels != ref.labels)
         if bad.size:
             i = int(bad[0])

@@ -379,5 +379,5 @@ def _write_scores(cfg: FinetuneConfig, store: Store, run_dir: Path, folder: Path
                  class_names=store.class_names, store=d.store, split=d.split,
                  split_part=cfg.test_part if role == "test" else (cfg.val_part or d.part), clips=cfg.eval_clips,
                  label_fraction=d.label_fraction, seed=cfg.train.seed, protocol=cfg.protocol,
-                 validation={"val_part": cfg.val_part, "val_fraction": cfg.val_fraction, "val_group": cfg.val_group,
-                             "subset_seed": d.subset_seed, "where": d.where})
+                 validation={"val_part": cfg.val_part, "val_where": cfg.val_where, "val_fraction": cfg.val_fraction,
+                             "val_group": cfg.val_group, "subset_seed": d.subset_seed, "where": d.where})

@@ -1,8 +1,9 @@
 """Which store rows fine-tuning trains, validates and tests on, and loaders over given rows.
 
 Model selection never looks at the test part: validation is a ``val`` part of the split when
-``val_part`` is set, otherwise a class-stratified, seeded ``val_fraction`` of the training
-part, whole groups of it with ``val_group`` (e.g. all views of one take), seeded by
+``val_part`` is set, the training part's rows matching ``val_where`` when that is set (e.g. one
+camera: a cross-view hold-out), otherwise a class-stratified, seeded ``val_fraction`` of the
+training part, whole groups of it with ``val_group`` (e.g. all views of one take), seeded by
 ``data.subset_seed`` so every training seed validates on the same samples. The label-fraction
 subset (semi-supervised protocols) is then drawn from what is left, so the validation samples
 are never among the training labels. Every rank computes the same rows.
@@ -22,6 +23,7 @@ from mtscale.config import DataConfig, FinetuneConfig
 from mtscale.data.augment import BatchAugment
 from mtscale.data.dataset import ClipDataset, Selection
 from mtscale.data.loader import StatefulLoader
+from mtscale.data.manifest import evaluate_where
 from mtscale.data.order import make_blocks
 from mtscale.data.subsets import grouped_fraction_subset, label_fraction_subset
 from mtscale.errors import ConfigError
@@ -59,6 +61,13 @@ def make_splits(store: Any, cfg: FinetuneConfig) -> Splits:
             raise ConfigError(f"val_part: found {cfg.val_part!r} without data.split, expected a split name as well")
         val = store.select(split=d.split, part=cfg.val_part, where=d.where)
         val = val[labels[val] >= 0]
+    elif cfg.val_where is not None:
+        pick = np.flatnonzero(evaluate_where(store.manifest, cfg.val_where)[train])
+        if pick.size == 0 or pick.size == train.size:
+            raise ConfigError(f"val_where: {cfg.val_where!r} matches {pick.size} of the {train.size} training rows "
+                              f"(split={d.split!r} part={d.part!r} where={d.where!r}); expected some but not all")
+        val = train[pick]
+        train = np.delete(train, pick)
     elif cfg.val_fraction > 0:
         if cfg.val_group:
             pick = grouped_fraction_subset(labels[train], group_ids(store, cfg.val_group)[train], cfg.val_fraction,

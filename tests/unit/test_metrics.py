@@ -175,6 +175,22 @@ def test_val_group_holds_out_whole_groups(split_store):
         _cfg(split_store, val_group="[]")
 
 
+def test_val_where_validates_on_the_matching_training_rows(split_store):
+    """A cross-group hold-out: validation is exactly the training rows of performer 2 (whatever
+    val_fraction says), they leave training, the test part is untouched."""
+    perf = np.asarray(split_store.manifest.column("performer").to_pylist())
+    s = make_splits(split_store, _cfg(split_store, val_where="'performer == 2'", val_fraction=0.2))
+    train_part = split_store.select(split="demo", part="train")
+    assert s.val.tolist() == [r for r in train_part.tolist() if perf[r] == 2] and s.val.size == 15
+    assert s.train.tolist() == [r for r in train_part.tolist() if perf[r] != 2]
+    assert set(s.test.tolist()) == set(range(60, 72))
+    for where, found in (("performer == 99", "matches 0 of the 60"), ("performer < 99", "matches 60 of the 60")):
+        with pytest.raises(ConfigError, match=f"val_where: {where!r} {found} training rows"):
+            make_splits(split_store, _cfg(split_store, val_where=repr(where)))
+    with pytest.raises(ConfigError, match="val_where: found .* together with val_part"):
+        _cfg(split_store, val_where="'performer == 2'", val_part="test")
+
+
 def test_val_part_and_errors(split_store):
     s = make_splits(split_store, _cfg(split_store, val_part="test", test_part="null"))
     assert s.test is None and s.val.size == 12 and s.train.size == 60
