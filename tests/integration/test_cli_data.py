@@ -10,19 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import cli, mtscale_cmd, run_ok
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return mtscale(*args, ok=False)
+    return cli(*args, timeout=900)
 
 
-def mtscale(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "mtscale.cli", *args], capture_output=True, text=True, timeout=900)
-    if ok:
-        assert p.returncode == 0, f"mtscale {' '.join(args)} failed ({p.returncode}):\n{p.stderr[-3000:]}"
-    return p
+def mtscale(*args: str) -> subprocess.CompletedProcess:
+    return run_ok(mtscale_cmd(*args), timeout=900)
 
 
 def test_synth_prepare_info_verify_merge(tmp_path: Path):
@@ -49,8 +47,7 @@ def test_synth_prepare_info_verify_merge(tmp_path: Path):
     merged = Store.open(tmp_path / "merged").info()
     assert merged["num_frames"] == info["num_frames"] and merged["label_counts"] == info["label_counts"]
     # an existing store is never overwritten
-    again = mtscale("prepare", "--format", "ntu", "--input", str(tmp_path / "raw"), "--out", str(tmp_path / "st"), "--quiet",
-                    ok=False)
+    again = _run("prepare", "--format", "ntu", "--input", str(tmp_path / "raw"), "--out", str(tmp_path / "st"), "--quiet")
     assert again.returncode == 2 and "already exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
 
 
@@ -62,17 +59,17 @@ def test_damaged_store_errors(tmp_path: Path):
     for j in range(len(data) // 3, len(data) // 3 + 64):
         data[j] ^= 0xFF
     shard.write_bytes(bytes(data))
-    v = mtscale("verify", str(tmp_path / "st"), "--quiet", ok=False)
+    v = _run("verify", str(tmp_path / "st"), "--quiet")
     assert v.returncode == 1 and "problem(s) found" in v.stderr and v.stdout.strip()
     meta = tmp_path / "st" / "zarr.json"
     doc = json.loads(meta.read_text())
     doc["attributes"]["schema_version"] = 7
     meta.write_text(json.dumps(doc))
     for verb in ("info", "verify"):
-        p = mtscale(verb, str(tmp_path / "st"), ok=False)
+        p = _run(verb, str(tmp_path / "st"))
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert "schema_version 7, expected 1" in p.stderr
-    p = mtscale("info", str(tmp_path / "missing"), ok=False)
+    p = _run("info", str(tmp_path / "missing"))
     assert p.returncode == 2 and "no store found" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
@@ -123,7 +120,7 @@ def test_bad_record_counted_as_record_and_info_into_a_closed_pipe(tmp_path: Path
     skipped = [line for line in p.stderr.splitlines() if line.startswith("skipped: ")]
     assert len(skipped) == 1 and "annotations[4].keypoint has non-finite values" in skipped[0], p.stderr
     # the reader closes the pipe before mtscale writes a byte (the imports alone take longer)
-    proc = subprocess.Popen([sys.executable, "-m", "mtscale.cli", "info", str(tmp_path / "st")],
+    proc = subprocess.Popen(mtscale_cmd("info", str(tmp_path / "st")),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()
     err = proc.stderr.read().decode()

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import mtscale_cmd
 
 from mtscale.cli import EXIT_BROKEN_PIPE, run_verb, script_path
 from mtscale.errors import ConfigError
@@ -79,7 +80,7 @@ def test_every_verb_has_a_case() -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_cli_verb_bad_input_is_one_line_exit_2(case: tuple, tmp_path: Path) -> None:
     _, verb, argv, expect = case
-    _assert_one_line_error([sys.executable, "-m", "mtscale.cli", *argv], verb, expect, tmp_path)
+    _assert_one_line_error(mtscale_cmd(*argv), verb, expect, tmp_path)
 
 
 MODULE_CASES = [c for c in CASES if c[1] in FORWARDED]
@@ -107,7 +108,7 @@ def test_quickstart_failed_stage_is_one_line_naming_the_stage_error(tmp_path: Pa
     """A stage that fails (here prepare, on a folder without recordings) is one line naming the
     stage, its own error line and its log (before: the error plus the log's last 15 lines)."""
     (tmp_path / "empty").mkdir()
-    p = subprocess.run([sys.executable, "-m", "mtscale.cli", "quickstart", "--data", "empty", "--workdir", "qs"],
+    p = subprocess.run(mtscale_cmd("quickstart", "--data", "empty", "--workdir", "qs"),
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     lines = p.stderr.splitlines()
     assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from support import cli
+from support import cli, mtscale_cmd
 
 from mtscale.config import FinetuneConfig, ModelConfig, load_config, to_dict
 from mtscale.errors import BadInputError, ConfigError
@@ -330,9 +329,8 @@ def test_cli_finetune_exits_preempted_on_sigterm(store, tmp_path):
     from mtscale.train.rundir import EXIT_PREEMPTED
 
     run_dir = tmp_path / "sig"
-    cmd = [sys.executable, "-m", "mtscale.cli", "finetune", "--config", str(CONFIG), "--protocol", "scratch",
-           "--set", f"data.store={store}", "--set", f"run.dir={run_dir}", *sum((["--set", x] for x in FAST), []),
-           "--set", "epochs=40"]
+    cmd = mtscale_cmd("finetune", "--config", CONFIG, "--protocol", "scratch", "--set", f"data.store={store}",
+                      "--set", f"run.dir={run_dir}", *sum((["--set", x] for x in FAST), []), "--set", "epochs=40")
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from support import mtscale_cmd
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 def _quickstart(workdir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mtscale.cli", "quickstart", "--quick", "--workdir", str(workdir)],
+    return subprocess.run(mtscale_cmd("quickstart", "--quick", "--workdir", str(workdir)),
                           capture_output=True, text=True, timeout=1400)
 
 
@@ -73,8 +73,8 @@ def test_quickstart_end_to_end_and_resume(tmp_path: Path) -> None:
 
     # a second, fresh run on this machine prints the same table (the demo is reproducible)
     other = tmp_path / "qs2"
-    proc = subprocess.run([sys.executable, "-m", "mtscale.cli", "quickstart", "--quick", "--skip-tune", "--workdir",
-                           str(other)], capture_output=True, text=True, timeout=1400)
+    proc = subprocess.run(mtscale_cmd("quickstart", "--quick", "--skip-tune", "--workdir", other),
+                          capture_output=True, text=True, timeout=1400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages2 = json.loads((other / "summary.json").read_text())["stages"]
     for name in ("scratch", "finetune", "linear"):
@@ -96,8 +96,7 @@ def test_quickstart_on_real_recordings_sizes_its_recipe(tmp_path: Path, ucla_dir
     n_train = sum(1 for f in files if not f.stem.endswith("v03"))
     n_test = len(files) - n_train
     work = tmp_path / "qs"
-    cmd = [sys.executable, "-m", "mtscale.cli", "quickstart", "--data", str(sub), "--format", "nw-ucla",
-           "--minutes", "0.5", "--workdir", str(work)]
+    cmd = mtscale_cmd("quickstart", "--data", sub, "--format", "nw-ucla", "--minutes", "0.5", "--workdir", work)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "recipe: real data, 0.5-minute budget" in proc.stdout

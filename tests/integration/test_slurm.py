@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support import mtscale_cmd, run_ok
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -131,10 +132,7 @@ def wait_done(job_id: str, timeout: float, log: Path | None = None) -> dict[str,
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "mtscale.cli", *args], cwd=cwd, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, f"mtscale {args[0]}: {p.stderr[-3000:]}"
-    return p
+    return run_ok(mtscale_cmd(*args), cwd=cwd, timeout=300)
 
 
 @pytest.fixture(scope="module")

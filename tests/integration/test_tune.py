@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import cpu_env, mtscale_cmd, run_ok
 
 pytestmark = pytest.mark.slow
 
@@ -27,18 +28,15 @@ def _env() -> dict[str, str]:
     # RAY_ADDRESS names a Ray that is not there (as a dead `ray start --head` leaves behind): local
     # mode must start its own instance regardless (issue 29, item 10: it used to fail with Ray's
     # "num_cpus and num_gpus must not be provided")
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="1", OMP_NUM_THREADS="1",
-               TUNE_GLOBAL_CHECKPOINT_S="1", PYTHONUNBUFFERED="1", RAY_ADDRESS="127.0.0.1:9")
+    env = cpu_env(1, RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="1", TUNE_GLOBAL_CHECKPOINT_S="1",
+                  RAY_ADDRESS="127.0.0.1:9")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "MASTER_PORT"):
         env.pop(var, None)
     return env
 
 
 def _mtscale(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "mtscale.cli", *args], env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, f"mtscale {args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
+    return run_ok(mtscale_cmd(*args), env=_env(), timeout=timeout)
 
 
 def make_assets(root: Path, *, epochs: int, warmup_epochs: float, label_smoothing: float, crop_min: float,
@@ -170,7 +168,7 @@ def test_sigkilled_sweep_resumes_without_rerunning_finished_trials(assets):
                      overrides={"data.store": str(assets["store"]), "epochs": 2},
                      space={"train.lr": {"grid": [5e-3, 4e-3, 3e-3, 2e-3, 1e-3]}})
     exp = assets["root"] / "results" / "resume"
-    proc = subprocess.Popen([sys.executable, "-m", "mtscale.cli", "tune", "--config", str(cfg)], env=_env(),
+    proc = subprocess.Popen(mtscale_cmd("tune", "--config", str(cfg)), env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
@@ -223,8 +221,8 @@ def test_unreachable_address_is_one_line(assets):
     """Issue 29, item 8: ``--address HOST:PORT`` that Ray cannot reach was a ConnectionError traceback."""
     cfg = _tune_yaml(assets, "unreachable", num_samples=1, space={"train.lr": {"grid": [GOOD_LR]}},
                      scheduler={"kind": "fifo"})
-    p = subprocess.run([sys.executable, "-m", "mtscale.cli", "tune", "--config", str(cfg), "--address",
-                        "127.0.0.1:9"], env=_env(), capture_output=True, text=True, timeout=300)
+    p = subprocess.run(mtscale_cmd("tune", "--config", cfg, "--address", "127.0.0.1:9"), env=_env(),
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "--address: found '127.0.0.1:9', which Ray could not reach" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
 

@@ -18,11 +18,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from support import mtscale_cmd
 from test_tune import _env, _mtscale, _tables, _tune_yaml, make_assets
 
 from mtscale.train.rundir import EXIT_PREEMPTED
@@ -81,7 +81,7 @@ def _interrupt(cfg: Path, exp: Path, log_path: Path) -> None:
     is in the driver's state. Tune's handler ends the loop after the event it is handling, so
     no trial gets more than an epoch further; 6 epochs are left."""
     with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "mtscale.cli", "tune", "--config", str(cfg)], env=_env(),
+        proc = subprocess.Popen(mtscale_cmd("tune", "--config", str(cfg)), env=_env(),
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 240

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support import mtscale_cmd
 
 from mtscale.errors import BadInputError, ConfigError
 from mtscale.train.ensemble import choose_weights, combine, run_ensemble, weight_grid
@@ -144,8 +144,7 @@ def test_mismatched_runs_are_refused_naming_the_first_mismatch(runs, tmp_path):
 
 
 def test_cli_json_and_one_line_errors(runs, tmp_path):
-    cmd = [sys.executable, "-m", "mtscale.cli", "ensemble", *map(str, runs), "--split", "test", "--out",
-           str(tmp_path / "cli"), "--json"]
+    cmd = mtscale_cmd("ensemble", *runs, "--split", "test", "--out", tmp_path / "cli", "--json")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
