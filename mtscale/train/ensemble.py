@@ -17,7 +17,10 @@ Weights: ``w1,w2,...`` as given, or ``auto``: chosen on the validation scores on
 the ``--split`` scores): every combination of {0, 0.25, 0.5, 0.75, 1} per run (not all zero),
 normalised to sum 1; the highest validation top-1 wins; ties go to the lower validation
 negative log-likelihood of the combined probabilities, then to the weights closest to uniform,
-then to the lexicographically smallest weight vector.
+then to the lexicographically smallest weight vector. More than ``MAX_AUTO_RUNS`` runs (e.g. four
+streams x two seeds) are weighted per stream instead: the grid runs over the distinct streams
+(at most ``MAX_AUTO_RUNS``), and a stream's weight is shared equally by its runs, which is the
+same rule applied to each stream's mean scores over its runs.
 
 Runs must score the same samples with the same labels (matched on ``sample_id``); the first
 mismatch is a one-line error. Outputs (``--out``): ``metrics.json``, ``confusion.csv`` /
@@ -145,13 +148,24 @@ def weight_grid(num_runs: int) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
-def choose_weights(val_RNK: np.ndarray, labels_N: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+def choose_weights(val_RNK: np.ndarray, labels_N: np.ndarray, streams: list[str] | None = None
+                   ) -> tuple[np.ndarray, dict[str, Any]]:
     """``--weights auto`` on validation scores only (see the module docstring for the rule).
-    Returns the weights (R,) and what decided: val top-1 / NLL of the choice, combinations tried."""
+    Returns the weights (R,) and what decided: val top-1 / NLL of the choice, combinations tried.
+    With more than ``MAX_AUTO_RUNS`` runs, ``streams`` (one name per run) ties the weights of
+    runs of one stream; without it, or with too many streams, that many runs are an error."""
     R, N, _ = val_RNK.shape
     if R > MAX_AUTO_RUNS:
-        raise ConfigError(f"--weights auto: found {R} runs, expected at most {MAX_AUTO_RUNS} (the grid has "
-                          f"{len(GRID)}^R combinations); give --weights w1,w2,...")
+        names = list(dict.fromkeys(streams or []))
+        if not names or len(names) > MAX_AUTO_RUNS:
+            raise ConfigError(f"--weights auto: found {R} runs of {len(names) or R} streams, expected at most "
+                              f"{MAX_AUTO_RUNS} runs or streams (the grid has {len(GRID)}^R combinations); give "
+                              "--weights w1,w2,...")
+        group_R = np.asarray([names.index(s) for s in streams])
+        share_GR = (group_R[None, :] == np.arange(len(names))[:, None]).astype(np.float64)
+        share_GR /= share_GR.sum(axis=1, keepdims=True)  # a stream's weight, split equally among its runs
+        w_G, how = choose_weights(np.einsum("gr,rnk->gnk", share_GR, val_RNK.astype(np.float64)), labels_N)
+        return w_G @ share_GR, {**how, "tied_by_stream": names}
     grid = weight_grid(R)
     uniform = np.full(R, 1.0 / R)
     p = val_RNK.astype(np.float64)
@@ -212,8 +226,9 @@ def run_ensemble(inputs: list[str], *, split: str = "test", weights: str = "auto
                               "(validation scores only choose the weights)")
     val = _validation(inputs, required=fixed is None)
     if fixed is None:
-        w, how = choose_weights(val[0], val[2])
-        rule = "auto: max validation top-1, then min validation NLL, then closest to uniform"
+        w, how = choose_weights(val[0], val[2], [r.stream for r in val[3]])
+        rule = "auto: max validation top-1, then min validation NLL, then closest to uniform" + \
+            (" (one weight per stream, shared by its runs)" if "tied_by_stream" in how else "")
     else:
         w, how, rule = fixed, {}, "given"
     scores_RNK = np.stack([r.scores_NK for r in runs])

@@ -105,6 +105,26 @@ def test_choose_weights_rule_and_ties():
     assert grid.sum(1) == pytest.approx(np.ones(13))
 
 
+def test_auto_weights_of_many_runs_are_shared_per_stream():
+    """8 runs (4 streams x 2 seeds): one weight per stream, split equally between its runs; the
+    choice is the 4-run rule on each stream's mean scores. 7 runs of 7 streams are refused."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, K, size=40)
+    logits = rng.normal(size=(8, 40, K)) + 1.5 * np.eye(K)[y][None] * rng.uniform(0, 2, size=(8, 1, 1))
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    streams = ["joint", "bone", "joint_motion", "bone_motion"] * 2
+    w, info = choose_weights(p, y, streams)
+    w_G, info_G = choose_weights((p[:4] + p[4:]) / 2, y)
+    np.testing.assert_allclose(w, np.tile(w_G / 2, 2), atol=1e-12)
+    assert info["tied_by_stream"] == streams[:4] and info["val_top1"] == info_G["val_top1"]
+    assert info["combinations"] == len(weight_grid(4)) and len(set(np.round(w_G, 6))) > 1  # not a uniform tie
+    assert w.sum() == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="found 7 runs of 7 streams, expected at most 6"):
+        choose_weights(p[:7], y, [f"s{i}" for i in range(7)])
+    with pytest.raises(ConfigError, match="found 7 runs of 7 streams"):
+        choose_weights(p[:7], y)
+
+
 def test_given_weights_and_their_combination(runs, tmp_path):
     res = run_ensemble([str(r) for r in runs], split="test", weights="1,3", out_dir=str(tmp_path / "e"))
     assert res["weights"] == [0.25, 0.75] and res["weights_rule"] == "given"
