@@ -36,6 +36,8 @@ SCRATCH = [
     ("... CTR-GCN's feeder: raw store, rotation xy 60, min-max (AMD EPYC)", CTR_FEEDER),
     ("... stem in ST-GCN's pyramid shape, 32-64-128 strided (AMD EPYC)", [89.7]),
     ("... mean head instead of the per-joint head (AMD EPYC)", [84.1]),
+    ("... 1 transformer block instead of 4 (AMD EPYC)", [90.5]),
+    ("... 2 transformer blocks instead of 4 (AMD EPYC)", [90.5, 89.7, 90.5]),
     ("time index alone (default crop + resample)", [86.4, 83.8]),
     ("CTR-GCN's feeder (raw store, rotation xy 60, min-max, T 52) + both", [85.3]),
     ("seed paper: frame tokens, mean head", [77.6]),
