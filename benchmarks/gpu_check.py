@@ -60,6 +60,7 @@ from gpu_check_runs import (
     check_pretrain,
     check_pretrain_targets,
     check_resume,
+    check_scratch_stem,
     check_sdpa_kernel,
     check_zero3,
     make_throughput_check,
@@ -183,7 +184,8 @@ def checks_for(plan: Plan) -> list[tuple[str, Callable[[Ctx], str]]]:
            ("bf16", check_bf16), ("gemm", check_gemm), ("sdpa_kernel", check_sdpa_kernel), ("loader", check_loader),
            ("pretrain_targets", check_pretrain_targets), ("pretrain", check_pretrain), ("compile", check_compile),
            ("resume", check_resume),
-           ("zero3_offload", check_zero3), ("finetune", check_finetune), ("evaluate", check_evaluate)]
+           ("zero3_offload", check_zero3), ("finetune", check_finetune), ("evaluate", check_evaluate),
+           ("scratch_stem", check_scratch_stem)]
     return out + [(f"throughput_{s}_{t}", make_throughput_check(s, t)) for s in plan.sizes for t in ("frame", "patch")]
 
 

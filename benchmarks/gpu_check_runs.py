@@ -445,29 +445,51 @@ def _encoder_for_finetune(ctx: Ctx) -> tuple[Path, str]:
 FT_BATCH = 16
 
 
-def check_finetune(ctx: Ctx) -> str:
+def _finetune_on_device(ctx: Ctx, name: str, args: list[Any], sets: dict[str, Any]
+                        ) -> tuple[dict[str, Any], str, list[float]]:
+    """``mtscale finetune --json ARGS`` for 2 epochs on the plan's device and precision, in a fresh
+    ``<work>/<name>``; checks the device line, a test accuracy and finite losses. Returns the
+    result, the device it reported and the per-epoch training losses."""
     p = ctx.plan
-    enc, which = _encoder_for_finetune(ctx)
-    run_dir = ctx.fresh_dir("finetune")
+    run_dir = ctx.fresh_dir(name)
     sets = {"data.store": ctx.store(), "run.dir": run_dir, "epochs": 2, "warmup_epochs": 0.5,
             "data.clip_frames": p.clip_frames, "data.num_workers": p.workers, "train.device": "cuda" if p.cuda else "cpu",
             "train.precision": p.precision, "train.batch_size": FT_BATCH, "run.progress": "false",
-            "run.tensorboard": "false",
-            "model.graph_stem": 2}  # the from-scratch recipe's stem (convs, BatchNorm) added over the encoder
-    out, err = ctx.run("finetune", [sys.executable, "-m", "mtscale.cli", "finetune", "--config", FINETUNE_CONFIG,
-                                    "--pretrained", enc, "--json", *set_args(sets)])
+            "run.tensorboard": "false", **sets}
+    out, err = ctx.run(name, [sys.executable, "-m", "mtscale.cli", "finetune", "--config", FINETUNE_CONFIG, *args,
+                              "--json", *set_args(sets)])
     res = json.loads(out)
     m = re.search(r"device (\S+) \((\w+)\)", err)
-    ctx.values.update(finetune_test_top1=res.get("test_top1"), finetune_val_top1=res.get("val_top1"),
-                      finetune_test_samples=res.get("test"), finetune_wall_s=res.get("wall_s"),
-                      finetune_device=m and m.group(1))
     expect(m is not None and m.group(1).startswith(p.device.split(":")[0]) and m.group(2) == p.precision,
-           f"fine-tuned on {m and m.group(0)}, expected {p.device} ({p.precision})")
+           f"{name}: trained on {m and m.group(0)}, expected {p.device} ({p.precision})")
     expect(0.0 <= res["test_top1"] <= 100.0 and res["test"] > 0, f"test top-1 {res.get('test_top1')}")
     losses = [r["train_loss"] for r in metrics_rows(run_dir)]
-    expect(all(math.isfinite(v) for v in losses), f"train losses {losses}")
-    return (f"{which} + graph stem on {m.group(1)} ({p.precision}), 2 epochs in {res['wall_s']:.0f} s: test top-1 "
-            f"{res['test_top1']:.1f} % on {res['test']} samples, train loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    expect(len(losses) == 2 and all(math.isfinite(v) for v in losses), f"train losses {losses}")
+    return res, m.group(1), losses
+
+
+def check_finetune(ctx: Ctx) -> str:
+    enc, which = _encoder_for_finetune(ctx)
+    # the from-scratch recipe's stem (convs, BatchNorm) added over the encoder
+    res, device, losses = _finetune_on_device(ctx, "finetune", ["--pretrained", enc], {"model.graph_stem": 2})
+    ctx.values.update(finetune_test_top1=res.get("test_top1"), finetune_val_top1=res.get("val_top1"),
+                      finetune_test_samples=res.get("test"), finetune_wall_s=res.get("wall_s"), finetune_device=device)
+    return (f"{which} + graph stem on {device} ({ctx.plan.precision}), 2 epochs in {res['wall_s']:.0f} s: test "
+            f"top-1 {res['test_top1']:.1f} % on {res['test']} samples, train loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+
+
+def check_scratch_stem(ctx: Ctx) -> str:
+    """The from-scratch recipe (benchmarks/README.md): frames drawn over the whole clip on the
+    device, each token's time index, a graph stem under 2 transformer blocks; here the stem in its
+    pyramid shape (strided temporal convs, the frame mask following the strides)."""
+    sets = {"layer_decay": 1.0, "data.sampling": "random", "data.crop_min": 1.0, "data.crop_max": 1.0,
+            "model.time_index": "true", "model.depth": 2, "model.graph_stem": 3, "model.graph_stem_width": 16,
+            "model.graph_stem_pyramid": "true"}
+    res, device, losses = _finetune_on_device(ctx, "scratch_stem", ["--protocol", "scratch"], sets)
+    ctx.values.update(scratch_stem_test_top1=res.get("test_top1"), scratch_stem_losses=losses,
+                      scratch_stem_wall_s=res.get("wall_s"), scratch_stem_device=device)
+    return (f"stem recipe from scratch on {device} ({ctx.plan.precision}), 2 epochs in {res['wall_s']:.0f} s: test "
+            f"top-1 {res['test_top1']:.1f} % on {res['test']} samples, train loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
 
 def check_evaluate(ctx: Ctx) -> str:

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKS = ["device", "cuda_nccl_versions", "all_reduce", "bf16", "gemm", "sdpa_kernel", "loader", "pretrain_targets",
-          "pretrain", "compile", "resume", "zero3_offload", "finetune", "evaluate", "throughput_tiny_frame",
+          "pretrain", "compile", "resume", "zero3_offload", "finetune", "evaluate", "scratch_stem", "throughput_tiny_frame",
           "throughput_tiny_patch"]
 NEED_CUDA = {"cuda_nccl_versions", "bf16", "compile"}
 
@@ -97,6 +97,12 @@ def test_zero3_weight_decay_groups_and_export(result: dict) -> None:
     assert result["zero3_matrices_not_decayed"] == 0 and result["zero3_vectors_decayed"] == 0
     assert result["zero3_missing_from_groups"] == 0
     assert result["zero3_target_clip_dtypes"] == "float32"
+
+
+def test_scratch_stem_recipe_trains(result: dict) -> None:
+    assert result["scratch_stem_device"] == "cpu" and 0.0 <= result["scratch_stem_test_top1"] <= 100.0
+    first, last = result["scratch_stem_losses"]
+    assert math.isfinite(first) and math.isfinite(last) and last < first
 
 
 def test_finetune_and_evaluate_agree(result: dict) -> None:
