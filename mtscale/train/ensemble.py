@@ -158,9 +158,9 @@ def choose_weights(val_RNK: np.ndarray, labels_N: np.ndarray, streams: list[str]
     if R > MAX_AUTO_RUNS:
         names = list(dict.fromkeys(streams or []))
         if not names or len(names) > MAX_AUTO_RUNS:
-            raise ConfigError(f"--weights auto: found {R} runs of {len(names) or R} streams, expected at most "
-                              f"{MAX_AUTO_RUNS} runs or streams (the grid has {len(GRID)}^R combinations); give "
-                              "--weights w1,w2,...")
+            of = f" of {len(names)} streams" if names else " (streams not given)"
+            raise ConfigError(f"--weights auto: found {R} runs{of}, expected at most {MAX_AUTO_RUNS} runs or "
+                              f"streams (the grid has {len(GRID)}^R combinations); give --weights w1,w2,...")
         group_R = np.asarray([names.index(s) for s in streams])
         share_GR = (group_R[None, :] == np.arange(len(names))[:, None]).astype(np.float64)
         share_GR /= share_GR.sum(axis=1, keepdims=True)  # a stream's weight, split equally among its runs
