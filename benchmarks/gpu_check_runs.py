@@ -446,10 +446,10 @@ FT_BATCH = 16
 
 
 def _finetune_on_device(ctx: Ctx, name: str, args: list[Any], sets: dict[str, Any]
-                        ) -> tuple[dict[str, Any], str, list[float]]:
+                        ) -> tuple[dict[str, Any], str, list[float], str]:
     """``mtscale finetune --json ARGS`` for 2 epochs on the plan's device and precision, in a fresh
     ``<work>/<name>``; checks the device line, a test accuracy and finite losses. Returns the
-    result, the device it reported and the per-epoch training losses."""
+    result, the device it reported, the per-epoch training losses and a one-line summary."""
     p = ctx.plan
     run_dir = ctx.fresh_dir(name)
     sets = {"data.store": ctx.store(), "run.dir": run_dir, "epochs": 2, "warmup_epochs": 0.5,
@@ -465,17 +465,18 @@ def _finetune_on_device(ctx: Ctx, name: str, args: list[Any], sets: dict[str, An
     expect(0.0 <= res["test_top1"] <= 100.0 and res["test"] > 0, f"test top-1 {res.get('test_top1')}")
     losses = [r["train_loss"] for r in metrics_rows(run_dir)]
     expect(len(losses) == 2 and all(math.isfinite(v) for v in losses), f"train losses {losses}")
-    return res, m.group(1), losses
+    summary = (f"on {m.group(1)} ({p.precision}), 2 epochs in {res['wall_s']:.0f} s: test top-1 "
+               f"{res['test_top1']:.1f} % on {res['test']} samples, train loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    return res, m.group(1), losses, summary
 
 
 def check_finetune(ctx: Ctx) -> str:
     enc, which = _encoder_for_finetune(ctx)
     # the from-scratch recipe's stem (convs, BatchNorm) added over the encoder
-    res, device, losses = _finetune_on_device(ctx, "finetune", ["--pretrained", enc], {"model.graph_stem": 2})
+    res, device, _, summary = _finetune_on_device(ctx, "finetune", ["--pretrained", enc], {"model.graph_stem": 2})
     ctx.values.update(finetune_test_top1=res.get("test_top1"), finetune_val_top1=res.get("val_top1"),
                       finetune_test_samples=res.get("test"), finetune_wall_s=res.get("wall_s"), finetune_device=device)
-    return (f"{which} + graph stem on {device} ({ctx.plan.precision}), 2 epochs in {res['wall_s']:.0f} s: test "
-            f"top-1 {res['test_top1']:.1f} % on {res['test']} samples, train loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    return f"{which} + graph stem {summary}"
 
 
 def check_scratch_stem(ctx: Ctx) -> str:
@@ -485,11 +486,10 @@ def check_scratch_stem(ctx: Ctx) -> str:
     sets = {"layer_decay": 1.0, "data.sampling": "random", "data.crop_min": 1.0, "data.crop_max": 1.0,
             "model.time_index": "true", "model.depth": 2, "model.graph_stem": 3, "model.graph_stem_width": 16,
             "model.graph_stem_pyramid": "true"}
-    res, device, losses = _finetune_on_device(ctx, "scratch_stem", ["--protocol", "scratch"], sets)
+    res, device, losses, summary = _finetune_on_device(ctx, "scratch_stem", ["--protocol", "scratch"], sets)
     ctx.values.update(scratch_stem_test_top1=res.get("test_top1"), scratch_stem_losses=losses,
                       scratch_stem_wall_s=res.get("wall_s"), scratch_stem_device=device)
-    return (f"stem recipe from scratch on {device} ({ctx.plan.precision}), 2 epochs in {res['wall_s']:.0f} s: test "
-            f"top-1 {res['test_top1']:.1f} % on {res['test']} samples, train loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    return f"stem recipe from scratch {summary}"
 
 
 def check_evaluate(ctx: Ctx) -> str:
