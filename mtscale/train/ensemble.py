@@ -11,7 +11,8 @@ folder holding ``scores_<part>.parquet`` (``mtscale evaluate --save-scores --out
 earlier ensemble's output), or one scores file. The scores of ``--split`` (``test`` by default)
 are combined; the validation scores are ``scores_val.parquet`` in the same folder: a fine-tuning
 run writes both, scored by its final classifier on its validation hold-out (``val_fraction`` of
-the training part, chosen by ``data.subset_seed`` / ``val_group``) and on the test part.
+the training part, chosen by ``data.subset_seed`` / ``val_group``, or the rows ``val_where``
+selects) and on the test part.
 
 Weights: ``w1,w2,...`` as given, or ``auto``: chosen on the validation scores only (never on
 the ``--split`` scores): every combination of {0, 0.25, 0.5, 0.75, 1} per run (not all zero),
