@@ -259,10 +259,19 @@ class TrainConfig:
     """Global batch = micro_batch_size x world size x gradient accumulation steps."""
     micro_batch_size: int | None = None
     """Per-rank batch per step; None = batch_size / world size (no accumulation)."""
+    optimizer: str = "adamw"
+    """adamw | sgd (momentum ``momentum``, Nesterov if ``nesterov``; weight decay coupled, as in
+    torch.optim.SGD: the GCN recipes' lr 0.1, weight_decay 4e-4). Fine-tuning only: pre-training
+    runs DeepSpeed's AdamW."""
     lr: float = 1e-3
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW only."""
+    momentum: float = 0.9
+    """SGD only."""
+    nesterov: bool = True
+    """SGD only."""
     grad_clip: float = 1.0
     """Gradient norm clipping (0 = off)."""
     adam_eps: float = 1e-8
@@ -282,10 +291,13 @@ class TrainConfig:
             raise ConfigError(f"train.precision: found {self.precision!r}, expected auto|fp32|bf16|fp16")
         if self.batch_size < 1:
             raise ConfigError(f"train.batch_size: found {self.batch_size}, expected >= 1")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"train.optimizer: found {self.optimizer!r}, expected adamw|sgd")
         for name, ok, want in (("lr", self.lr > 0, "> 0"), ("min_lr", 0 <= self.min_lr <= self.lr, "in [0, train.lr]"),
                                ("weight_decay", self.weight_decay >= 0, ">= 0"),
                                ("grad_clip", self.grad_clip >= 0, ">= 0 (0 = off)"),
                                ("adam_eps", self.adam_eps > 0, "> 0"),
+                               ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
                                ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                                 "two values in [0, 1)")):
             if not ok:

@@ -33,6 +33,9 @@ class PretrainTrainConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.optimizer != "adamw":
+            raise ConfigError(f"train.optimizer: found {self.optimizer!r}; pre-training runs DeepSpeed's AdamW, "
+                              "expected adamw")
         if self.ckpt_every < 1 or self.log_every < 1:
             raise ConfigError("train.ckpt_every and train.log_every must be >= 1")
         if self.max_steps < 1:

@@ -62,6 +62,18 @@ def _schedule(cfg: FinetuneConfig, steps_per_epoch: int):
                          total=max(cfg.epochs * steps_per_epoch, 1), floor=cfg.train.min_lr / cfg.train.lr)
 
 
+def make_optimizer(params: Any, train: Any, device: torch.device) -> torch.optim.Optimizer:
+    """``train.optimizer`` over ``params`` (tensors or param groups, whose own ``weight_decay``
+    wins): AdamW, fused on CUDA, or SGD with momentum (Nesterov by default). The lr is set each
+    step by the schedule."""
+    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, nesterov=train.nesterov and train.momentum > 0,
+                               weight_decay=train.weight_decay, **extra)
+    return torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.betas), eps=train.adam_eps,
+                             weight_decay=train.weight_decay, **extra)
+
+
 def _set_lr(opt: torch.optim.Optimizer, base_lr: float, factor: float) -> float:
     for g in opt.param_groups:
         g["lr"] = base_lr * g.get("lr_scale", 1.0) * factor
@@ -113,9 +125,7 @@ class FullTrainer:
         self.model = model
         enc = unwrap(model).encoder
         groups = param_groups_lrd(model, enc.depth, cfg.train.weight_decay, cfg.layer_decay)
-        extra = {"fused": True} if rt.device.type == "cuda" else {"foreach": True}
-        self.opt = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.adam_eps,
-                                     **extra)
+        self.opt = make_optimizer(groups, cfg.train, rt.device)
         self.lr_factor = _schedule(cfg, self.steps_per_epoch)
         self.step = 0
         self.ddp: nn.Module = model
@@ -303,8 +313,7 @@ class LinearProbe:
         self.head = nn.Linear(head.in_features, head.out_features).to(rt.device)
         nn.init.trunc_normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
-        self.opt = torch.optim.AdamW(self.head.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                     eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
+        self.opt = make_optimizer(self.head.parameters(), cfg.train, rt.device)
         self.batch_size = min(cfg.train.batch_size, self.f_train.shape[1])
         self.steps_per_epoch = -(-self.f_train.shape[1] // self.batch_size)
         self.lr_factor = _schedule(cfg, self.steps_per_epoch)

@@ -197,3 +197,37 @@ def test_finetune_train_section_has_no_pretraining_or_zero_fields() -> None:
     assert (pre.train.zero_stage, pre.train.max_steps) == (2, 7)
     with pytest.raises(ConfigError, match="train.lr: found 0"):  # the shared checks apply to both
         load_config(FinetuneConfig, root / "finetune" / "tiny_cpu.yaml", ["train.lr=0"])
+
+
+def test_finetune_optimizer_sgd_nesterov_step_and_groups() -> None:
+    """``train.optimizer: sgd`` builds torch's SGD with Nesterov momentum over the layer-decay param
+    groups (biases / norms keep weight decay 0); one step equals the hand-computed Nesterov update
+    with coupled weight decay. AdamW stays the default; pre-training refuses SGD."""
+    import torch
+
+    from mtscale.config import TrainConfig
+    from mtscale.train.trainers import make_optimizer
+
+    lin = torch.nn.Linear(3, 2)
+    groups = [{"params": [lin.weight], "weight_decay": 0.1}, {"params": [lin.bias], "weight_decay": 0.0}]
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    opt = make_optimizer(groups, TrainConfig(optimizer="sgd", lr=0.5, momentum=0.9, weight_decay=4e-4),
+                         torch.device("cpu"))
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # the groups' own decay wins
+    gw, gb = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([1.0, -2.0])
+    lin.weight.grad, lin.bias.grad = gw.clone(), gb.clone()
+    opt.step()
+    # first step: buf = d = g + wd * p; Nesterov: p -= lr * (d + m * buf) = lr * 1.9 * d
+    assert torch.allclose(lin.weight, w0 - 0.5 * 1.9 * (gw + 0.1 * w0), atol=1e-6)
+    assert torch.allclose(lin.bias, b0 - 0.5 * 1.9 * gb, atol=1e-6)
+    plain = make_optimizer(lin.parameters(), TrainConfig(optimizer="sgd", nesterov=False), torch.device("cpu"))
+    assert plain.defaults["nesterov"] is False
+    adamw = make_optimizer(lin.parameters(), TrainConfig(betas=(0.8, 0.9)), torch.device("cpu"))
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.8, 0.9)
+    with pytest.raises(ConfigError, match=r"^train.optimizer: found 'adam', expected adamw\|sgd"):
+        TrainConfig(optimizer="adam")
+    with pytest.raises(ConfigError, match=r"^train.momentum: found 1.0"):
+        TrainConfig(optimizer="sgd", momentum=1.0)
+    with pytest.raises(ConfigError, match=r"^train.optimizer: found 'sgd'; pre-training runs DeepSpeed's AdamW"):
+        PretrainTrainConfig(optimizer="sgd")
