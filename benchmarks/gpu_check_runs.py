@@ -482,14 +482,19 @@ def check_finetune(ctx: Ctx) -> str:
 def check_scratch_stem(ctx: Ctx) -> str:
     """The from-scratch recipe (benchmarks/README.md): frames drawn over the whole clip on the
     device, each token's time index, a graph stem under 2 transformer blocks; here the stem in its
-    pyramid shape (strided temporal convs, the frame mask following the strides)."""
+    pyramid shape (strided temporal convs, the frame mask following the strides), trained by SGD
+    with Nesterov momentum (``train.optimizer=sgd``: torch's fused kernel on CUDA, under the
+    GradScaler in fp16)."""
     sets = {"layer_decay": 1.0, "data.sampling": "random", "data.crop_min": 1.0, "data.crop_max": 1.0,
             "model.time_index": "true", "model.depth": 2, "model.graph_stem": 3, "model.graph_stem_width": 16,
-            "model.graph_stem_pyramid": "true"}
+            "model.graph_stem_pyramid": "true", "train.optimizer": "sgd", "train.lr": 0.05, "train.weight_decay": 4e-4}
     res, device, losses, summary = _finetune_on_device(ctx, "scratch_stem", ["--protocol", "scratch"], sets)
+    impl = "fused" if ctx.plan.cuda else "foreach"
+    err = (ctx.work / "logs" / "scratch_stem.err").read_text(errors="replace")
+    expect(f"optimizer SGD ({impl})" in err, f"no 'optimizer SGD ({impl})' line in the run's log")
     ctx.values.update(scratch_stem_test_top1=res.get("test_top1"), scratch_stem_losses=losses,
                       scratch_stem_wall_s=res.get("wall_s"), scratch_stem_device=device)
-    return f"stem recipe from scratch {summary}"
+    return f"stem recipe from scratch, SGD ({impl}), {summary}"
 
 
 def check_evaluate(ctx: Ctx) -> str:

@@ -68,10 +68,14 @@ def make_optimizer(params: Any, train: Any, device: torch.device) -> torch.optim
     step by the schedule."""
     extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, nesterov=train.nesterov and train.momentum > 0,
-                               weight_decay=train.weight_decay, **extra)
-    return torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.betas), eps=train.adam_eps,
-                             weight_decay=train.weight_decay, **extra)
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            params, lr=train.lr, momentum=train.momentum, nesterov=train.nesterov and train.momentum > 0,
+            weight_decay=train.weight_decay, **extra)
+    else:
+        opt = torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.betas), eps=train.adam_eps,
+                                weight_decay=train.weight_decay, **extra)
+    log.info("optimizer %s (%s)", type(opt).__name__, next(iter(extra)))
+    return opt
 
 
 def _set_lr(opt: torch.optim.Optimizer, base_lr: float, factor: float) -> float:

@@ -101,6 +101,7 @@ def test_zero3_weight_decay_groups_and_export(result: dict) -> None:
 
 def test_scratch_stem_recipe_trains(result: dict) -> None:
     assert result["scratch_stem_device"] == "cpu" and 0.0 <= result["scratch_stem_test_top1"] <= 100.0
+    assert "SGD (foreach)" in result["detail_scratch_stem"]  # train.optimizer=sgd reached the trainer
     # 2 epochs of ~4 steps sit near chance (ln 4) on this store: finite losses, not a falling one, are the check
     losses = result["scratch_stem_losses"]
     assert len(losses) == 2 and all(math.isfinite(v) and 0.0 < v < 3.0 for v in losses), losses
