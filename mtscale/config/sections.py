@@ -271,7 +271,7 @@ class TrainConfig:
     momentum: float = 0.9
     """SGD only."""
     nesterov: bool = True
-    """SGD only."""
+    """SGD only (ignored at momentum 0)."""
     grad_clip: float = 1.0
     """Gradient norm clipping (0 = off)."""
     adam_eps: float = 1e-8
