@@ -448,8 +448,9 @@ FT_BATCH = 16
 def _finetune_on_device(ctx: Ctx, name: str, args: list[Any], sets: dict[str, Any]
                         ) -> tuple[dict[str, Any], str, list[float], str]:
     """``mtscale finetune --json ARGS`` for 2 epochs on the plan's device and precision, in a fresh
-    ``<work>/<name>``; checks the device line, a test accuracy and finite losses. Returns the
-    result, the device it reported, the per-epoch training losses and a one-line summary."""
+    ``<work>/<name>``; checks the device line, the optimizer line (``train.optimizer`` in ``sets``,
+    else AdamW; torch's fused kernel on CUDA, foreach on CPU), a test accuracy and finite losses.
+    Returns the result, the device it reported, the per-epoch training losses and a one-line summary."""
     p = ctx.plan
     run_dir = ctx.fresh_dir(name)
     sets = {"data.store": ctx.store(), "run.dir": run_dir, "epochs": 2, "warmup_epochs": 0.5,
@@ -462,10 +463,12 @@ def _finetune_on_device(ctx: Ctx, name: str, args: list[Any], sets: dict[str, An
     m = re.search(r"device (\S+) \((\w+)\)", err)
     expect(m is not None and m.group(1).startswith(p.device.split(":")[0]) and m.group(2) == p.precision,
            f"{name}: trained on {m and m.group(0)}, expected {p.device} ({p.precision})")
+    opt = f"{'SGD' if sets.get('train.optimizer') == 'sgd' else 'AdamW'} ({'fused' if p.cuda else 'foreach'})"
+    expect(f"optimizer {opt}" in err, f"{name}: no 'optimizer {opt}' line in the run's log")
     expect(0.0 <= res["test_top1"] <= 100.0 and res["test"] > 0, f"test top-1 {res.get('test_top1')}")
     losses = [r["train_loss"] for r in metrics_rows(run_dir)]
     expect(len(losses) == 2 and all(math.isfinite(v) for v in losses), f"train losses {losses}")
-    summary = (f"on {m.group(1)} ({p.precision}), 2 epochs in {res['wall_s']:.0f} s: test top-1 "
+    summary = (f"{opt} on {m.group(1)} ({p.precision}), 2 epochs in {res['wall_s']:.0f} s: test top-1 "
                f"{res['test_top1']:.1f} % on {res['test']} samples, train loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     return res, m.group(1), losses, summary
 
@@ -476,7 +479,7 @@ def check_finetune(ctx: Ctx) -> str:
     res, device, _, summary = _finetune_on_device(ctx, "finetune", ["--pretrained", enc], {"model.graph_stem": 2})
     ctx.values.update(finetune_test_top1=res.get("test_top1"), finetune_val_top1=res.get("val_top1"),
                       finetune_test_samples=res.get("test"), finetune_wall_s=res.get("wall_s"), finetune_device=device)
-    return f"{which} + graph stem {summary}"
+    return f"{which} + graph stem, {summary}"
 
 
 def check_scratch_stem(ctx: Ctx) -> str:
@@ -489,12 +492,9 @@ def check_scratch_stem(ctx: Ctx) -> str:
             "model.time_index": "true", "model.depth": 2, "model.graph_stem": 3, "model.graph_stem_width": 16,
             "model.graph_stem_pyramid": "true", "train.optimizer": "sgd", "train.lr": 0.05, "train.weight_decay": 4e-4}
     res, device, losses, summary = _finetune_on_device(ctx, "scratch_stem", ["--protocol", "scratch"], sets)
-    impl = "fused" if ctx.plan.cuda else "foreach"
-    err = (ctx.work / "logs" / "scratch_stem.err").read_text(errors="replace")
-    expect(f"optimizer SGD ({impl})" in err, f"no 'optimizer SGD ({impl})' line in the run's log")
     ctx.values.update(scratch_stem_test_top1=res.get("test_top1"), scratch_stem_losses=losses,
                       scratch_stem_wall_s=res.get("wall_s"), scratch_stem_device=device)
-    return f"stem recipe from scratch, SGD ({impl}), {summary}"
+    return f"stem recipe from scratch, {summary}"
 
 
 def check_evaluate(ctx: Ctx) -> str:

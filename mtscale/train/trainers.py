@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mtscale.config import FinetuneConfig
+from mtscale.config import FinetuneConfig, TrainConfig
 from mtscale.data.loader import model_mask
 from mtscale.dist import all_reduce_flag
 from mtscale.errors import ConfigError
@@ -62,11 +62,12 @@ def _schedule(cfg: FinetuneConfig, steps_per_epoch: int):
                          total=max(cfg.epochs * steps_per_epoch, 1), floor=cfg.train.min_lr / cfg.train.lr)
 
 
-def make_optimizer(params: Any, train: Any, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(params: Any, train: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """``train.optimizer`` over ``params`` (tensors or param groups, whose own ``weight_decay``
     wins): AdamW, fused on CUDA, or SGD with momentum (Nesterov by default). The lr is set each
     step by the schedule."""
-    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    impl = "fused" if device.type == "cuda" else "foreach"
+    extra = {impl: True}
     if train.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
             params, lr=train.lr, momentum=train.momentum, nesterov=train.nesterov and train.momentum > 0,
@@ -74,7 +75,7 @@ def make_optimizer(params: Any, train: Any, device: torch.device) -> torch.optim
     else:
         opt = torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.betas), eps=train.adam_eps,
                                 weight_decay=train.weight_decay, **extra)
-    log.info("optimizer %s (%s)", type(opt).__name__, next(iter(extra)))
+    log.info("optimizer %s (%s)", type(opt).__name__, impl)
     return opt
 
 

@@ -109,6 +109,7 @@ def test_scratch_stem_recipe_trains(result: dict) -> None:
 
 def test_finetune_and_evaluate_agree(result: dict) -> None:
     assert result["finetune_device"] == "cpu" and result["finetune_test_samples"] > 0
+    assert "AdamW (foreach)" in result["detail_finetune"]  # the default optimizer, named by the trainer's log
     assert 0.0 <= result["finetune_test_top1"] <= 100.0
     assert result["evaluate_top1"] == pytest.approx(result["finetune_test_top1"], abs=1e-6)
     assert result["evaluate_num_samples"] == result["finetune_test_samples"]
